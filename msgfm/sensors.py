@@ -1,0 +1,143 @@
+"""Sensor specs and their registry: the one place that knows each sensor's bands.
+
+Built-in sensors cover the paper's four (``rgb``, ``s2``, ``sar``, ``dsm``), the
+13-band Sentinel-2 L1C variant (``s2_l1c``) and the WorldView-2 panchromatic and
+multispectral bands used by the SpaceNet pan-sharpening task. A new sensor needs
+no code: declare it under ``sensors:`` in a run config, or call
+:func:`register_sensors_from_yaml`::
+
+    sensors:
+      hls:
+        bands: [B02, B03, B04, B8A, B11, B12]
+        wavelengths_nm: [490, 560, 665, 865, 1610, 2190]
+        gsd_m: 30
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class UnknownSensorError(KeyError, ValueError):
+    """A sensor name that is not registered; the message lists the registered ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True, kw_only=True)
+class SensorSpec:
+    """What msgfm needs to know about a sensor: its bands, in storage order."""
+
+    name: str
+    bands: tuple[str, ...]
+    # Centre wavelength of each band in nanometres; None where it does not apply (SAR, elevation).
+    wavelengths_nm: tuple[float | None, ...] | None = None
+    # Nominal ground sample distance in metres; None for sources of mixed resolution.
+    gsd_m: float | None = None
+    # Indices of the bands to show as red, green, blue in figures (one index: greyscale).
+    rgb_bands: tuple[int, ...] = field(default=(0,))
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise ValueError(f"sensor name '{self.name}' must be a non-empty identifier (letters, digits, _)")
+        if not self.bands:
+            raise ValueError(f"sensor '{self.name}': needs at least one band")
+        if len(set(self.bands)) != len(self.bands):
+            raise ValueError(f"sensor '{self.name}': repeated band names in {list(self.bands)}")
+        if self.wavelengths_nm is not None and len(self.wavelengths_nm) != len(self.bands):
+            raise ValueError(f"sensor '{self.name}': {len(self.wavelengths_nm)} wavelengths for "
+                             f"{len(self.bands)} bands; give one per band (null where none applies)")
+        if self.gsd_m is not None and self.gsd_m <= 0:
+            raise ValueError(f"sensor '{self.name}': gsd_m must be > 0, got {self.gsd_m}")
+        if len(self.rgb_bands) not in (1, 3) or not all(0 <= i < len(self.bands) for i in self.rgb_bands):
+            raise ValueError(f"sensor '{self.name}': rgb_bands {list(self.rgb_bands)} must be 1 or 3 "
+                             f"indices into its {len(self.bands)} bands")
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.bands)
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict[str, Any]) -> "SensorSpec":
+        allowed = {"bands", "wavelengths_nm", "gsd_m", "rgb_bands", "description"}
+        if not isinstance(data, dict):
+            raise ValueError(f"sensor '{name}': expected a mapping with keys {sorted(allowed)}, got {data!r}")
+        unknown = set(data) - allowed
+        if unknown:
+            raise ValueError(f"sensor '{name}': unknown keys {sorted(unknown)}; valid keys: {sorted(allowed)}")
+        if "bands" not in data:
+            raise ValueError(f"sensor '{name}': 'bands' is required (a list of band names)")
+        wavelengths = data.get("wavelengths_nm")
+        return cls(
+            name=name,
+            bands=tuple(str(b) for b in data["bands"]),
+            wavelengths_nm=None if wavelengths is None else tuple(wavelengths),
+            gsd_m=data.get("gsd_m"),
+            rgb_bands=tuple(data.get("rgb_bands", (0,))),
+            description=str(data.get("description", "")),
+        )
+
+
+_S2_L1C_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
+# Sentinel-2A centre wavelengths (ESA Sentinel-2 MSI spectral response, nm).
+_S2_L1C_WAVELENGTHS = (442.7, 492.4, 559.8, 664.6, 704.1, 740.5, 782.8, 832.8, 864.7, 945.1, 1373.5, 1613.7, 2202.4)
+# Native resolution of each band in metres; converters resample all to 10 m.
+S2_NATIVE_GSD_M = dict(zip(_S2_L1C_BANDS, (60, 10, 10, 10, 20, 20, 20, 10, 20, 60, 60, 20, 20)))
+_S2_L2A = [(b, w) for b, w in zip(_S2_L1C_BANDS, _S2_L1C_WAVELENGTHS) if b != "B10"]  # L2A drops cirrus B10
+
+_BUILTIN = (
+    SensorSpec(name="rgb", bands=("red", "green", "blue"), wavelengths_nm=(650.0, 550.0, 470.0), gsd_m=None,
+               rgb_bands=(0, 1, 2), description="Unpaired RGB imagery of mixed sources and resolution "
+                                                 "(GeoPile, MillionAID, airborne)"),
+    SensorSpec(name="s2", bands=tuple(b for b, _ in _S2_L2A), wavelengths_nm=tuple(w for _, w in _S2_L2A),
+               gsd_m=10.0, rgb_bands=(3, 2, 1),
+               description="Sentinel-2 L2A, 12 bands as in BigEarthNet (B10 absent), resampled to 10 m"),
+    SensorSpec(name="s2_l1c", bands=_S2_L1C_BANDS, wavelengths_nm=_S2_L1C_WAVELENGTHS, gsd_m=10.0,
+               rgb_bands=(3, 2, 1), description="Sentinel-2 L1C, all 13 bands (SEN12MS), resampled to 10 m"),
+    SensorSpec(name="sar", bands=("VV", "VH"), wavelengths_nm=None, gsd_m=10.0, rgb_bands=(0,),
+               description="Sentinel-1 C-band SAR, VV and VH backscatter in dB"),
+    SensorSpec(name="dsm", bands=("elevation",), wavelengths_nm=None, gsd_m=0.25, rgb_bands=(0,),
+               description="Digital surface model in metres (MDAS airborne DSM)"),
+    SensorSpec(name="pan", bands=("pan",), wavelengths_nm=(625.0,), gsd_m=0.5, rgb_bands=(0,),
+               description="WorldView-2 panchromatic (SpaceNet)"),
+    SensorSpec(name="wv2_ms", bands=("blue", "green", "red", "nir1"), wavelengths_nm=(480.0, 545.0, 660.0, 835.0),
+               gsd_m=2.0, rgb_bands=(2, 1, 0), description="WorldView-2 multispectral, 4 bands (SpaceNet)"),
+)
+
+_REGISTRY: dict[str, SensorSpec] = {spec.name: spec for spec in _BUILTIN}
+
+
+def register_sensor(spec: SensorSpec, *, replace: bool = False) -> SensorSpec:
+    """Add a sensor. Re-registering an identical spec is a no-op; a different one needs ``replace``."""
+    current = _REGISTRY.get(spec.name)
+    if current is not None and current != spec and not replace:
+        raise ValueError(f"sensor '{spec.name}' is already registered with other bands; pass replace=True "
+                         f"or choose another name")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def register_sensors_from_yaml(path: str | Path) -> list[SensorSpec]:
+    """Register every sensor in a YAML file mapping sensor name to its spec."""
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sensor name to spec")
+    return [register_sensor(SensorSpec.from_dict(name, spec), replace=True) for name, spec in data.items()]
+
+
+def get_sensor(name: str) -> SensorSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownSensorError(f"unknown sensor '{name}'; registered sensors: {', '.join(sorted(_REGISTRY))}. "
+                       f"Declare new sensors under 'sensors:' in the config") from None
+
+
+def list_sensors() -> list[str]:
+    return sorted(_REGISTRY)
