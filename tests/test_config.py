@@ -53,7 +53,7 @@ def test_dotted_overrides_reach_nested_keys_and_named_groups():
     ("masking.mask_ratio=1.0", "masking.mask_ratio"),
     ("masking.mask_ratio=0", "(0, 1)"),
     ("model.window_size=7", "does not divide stage 0"),
-    ("model.embed_dim=130", "not divisible by 8 heads"),
+    ("model.embed_dim=130", "is not divisible by 4 heads"),
     ("model.moe.num_experts=6", "expert_parallel_size"),
     ("model.img_size=200", "total stride 32"),
     ("model.depths=[2,2,x,2]", "model.depths[2]': expected an integer"),

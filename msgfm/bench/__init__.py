@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print numbers (python -m msgfm.bench.data, python -m msgfm.bench.train)."""

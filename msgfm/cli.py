@@ -1,0 +1,45 @@
+"""The ``msgfm`` command. Each subcommand lives beside the code it drives and
+registers itself through an ``add_parser(subparsers)`` function; this file only
+lists them, so adding a command never means editing someone else's module."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> module holding its add_parser(subparsers)
+COMMANDS = {
+    "convert": "msgfm.data.convert",
+    "stats": "msgfm.data.stats",
+    "inspect": "msgfm.data.inspect",
+    "prepare-sample": "msgfm.data.sample",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msgfm", description="msGFM data tools: convert rasters to HDF5 "
+                                     "shards, compute band statistics, inspect shards, build the sample data.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMANDS.values():
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        # user errors: one clear line, no traceback (use -v for one)
+        if args.verbose:
+            raise
+        print(f"msgfm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
