@@ -1,0 +1,1 @@
+"""Data: the HDF5 shard format, converters, statistics, readers and the batch scheduler."""
