@@ -1,1 +1,25 @@
-"""Data: the HDF5 shard format, converters, statistics, readers and the batch scheduler."""
+"""Data: the HDF5 shard format, converters, statistics, readers and the batch scheduler.
+
+The engine's entry point is :func:`build_pretrain_data` (msgfm.data.pipeline). Importing
+this package stays light: torch, h5py and the readers load on first use.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from msgfm.data.pipeline import PretrainData, build_pretrain_data, validate_data
+    from msgfm.data.scheduler import resolve_group_batches
+
+__all__ = ["PretrainData", "build_pretrain_data", "resolve_group_batches", "validate_data"]
+
+_LAZY = {"PretrainData": "msgfm.data.pipeline", "build_pretrain_data": "msgfm.data.pipeline",
+         "validate_data": "msgfm.data.pipeline", "resolve_group_batches": "msgfm.data.scheduler"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'msgfm.data' has no attribute '{name}'")

@@ -1,0 +1,202 @@
+"""The reader of one data group: a map-style torch Dataset over its shards.
+
+HDF5 handles are opened lazily, in the process that reads, and cached per process id:
+a DataLoader worker forked from the main process never touches a handle the parent
+opened (h5py handles must not cross a fork), and each worker keeps its files open for
+the whole run instead of opening one per sample. Reads are chunk-aligned (one sample is
+one chunk); uncompressed chunks are copied straight into a numpy buffer
+(``read_direct_chunk``), skipping HDF5's selection machinery.
+
+A sample is ``{"images": {sensor: float32 [C,S,S]}, "valid": {sensor: bool [C,S,S]},
+"id": str}``, normalized with the group's statistics (see msgfm.data.stats). A sample
+that cannot be read is replaced by another one of the same rank (so batch sizes stay
+equal on every rank) and reported in ``"corrupt"`` as (file, index, error); the scheduler
+counts these and stops the run past ``data.max_corrupt_fraction``.
+
+Legend: B batch, C channels, S output side (model.img_size), N samples in a shard.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from msgfm.data.format import ShardInfo, read_shard_info
+from msgfm.data.scheduler import CorruptSampleError
+from msgfm.data.stats import Stats
+from msgfm.data.transforms import SampleTransform, SensorNormalizer
+
+# Replacement attempts for one corrupt sample before giving up on the batch.
+MAX_REPLACEMENT_TRIES = 16
+# Only the errors reading a damaged file raises; anything else is a bug and must surface.
+_READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError)
+
+
+def _fast_chunk_read(ds: h5py.Dataset) -> bool:
+    """Can one sample be read as one raw chunk (no filters, one sample per chunk, native order)?"""
+    return (ds.chunks == (1, *ds.shape[1:]) and ds.compression is None and not ds.shuffle
+            and not ds.fletcher32 and ds.scaleoffset is None and ds.dtype.isnative)
+
+
+class GroupDataset(Dataset):
+    """Samples of one data group from a list of shards (all holding ``sensors``).
+
+    ``sensors`` may be a subset of what the shards hold (the single-sensor ablation reads
+    only ``s2`` from SAR + S2 shards). Items are sample indices over the shards in order, or
+    ``(index, augmentation_seed)`` pairs as produced by the scheduler's batch samplers.
+    ``replacement_pool`` lists the indices a corrupt sample may be replaced by (this rank's
+    training samples); default: all.
+    """
+
+    def __init__(self, shards: Sequence[ShardInfo | str | Path], sensors: Sequence[str], stats: Stats,
+                 transform: SampleTransform, *, name: str = "", replacement_pool: Sequence[int] | None = None) -> None:
+        infos = [s if isinstance(s, ShardInfo) else read_shard_info(s, check_data=False) for s in shards]
+        if not infos:
+            raise ValueError(f"group '{name}': no shards")
+        for info in infos:
+            missing = [s for s in sensors if s not in info.sensors]
+            if missing:
+                raise ValueError(f"{info.path}: sensors {missing} of group '{name}' are not in this shard "
+                                 f"(it holds {list(info.sensors)})")
+        self.name = name
+        self.sensors = list(sensors)
+        self.paths = [info.path for info in infos]
+        self.transform = transform
+        self.stats = stats
+        counts = [info.num_samples for info in infos]
+        self._starts = np.cumsum([0] + counts)
+        self._has_ids = [info.has_ids for info in infos]
+        self.normalizers = [{s: _normalizer(info, s, stats) for s in self.sensors} for info in infos]
+        self.replacement_pool = np.asarray(replacement_pool if replacement_pool is not None
+                                           else np.arange(len(self)), dtype=np.int64)
+        self._reset_handles()
+
+    # ---- per-process handle cache -------------------------------------------------------------
+
+    def _reset_handles(self) -> None:
+        self._pid = os.getpid()
+        self._files: dict[int, h5py.File] = {}
+        self._datasets: dict[tuple[int, str], tuple[h5py.Dataset, bool]] = {}
+        self._ids: dict[int, np.ndarray] = {}
+
+    def _dataset(self, shard: int, sensor: str) -> tuple[h5py.Dataset, bool]:
+        if self._pid != os.getpid():
+            # A forked worker: forget (do not close) the parent's handles, open our own.
+            self._reset_handles()
+        key = (shard, sensor)
+        if key not in self._datasets:
+            if shard not in self._files:
+                # No chunk cache: every chunk (= sample) is read once per epoch.
+                self._files[shard] = h5py.File(self.paths[shard], "r", rdcc_nbytes=0)
+            ds = self._files[shard][sensor]
+            self._datasets[key] = (ds, _fast_chunk_read(ds))
+        return self._datasets[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for key in ("_files", "_datasets", "_ids"):
+            state[key] = {}
+        state["_pid"] = -1  # handles are reopened by whoever unpickles (spawned workers)
+        return state
+
+    def close(self) -> None:
+        """Close this process's handles (the next read reopens them)."""
+        if self._pid == os.getpid():
+            for f in self._files.values():
+                f.close()
+        self._reset_handles()
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global sample index -> (shard number, index inside the shard)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"group '{self.name}': sample {index} out of range [0, {len(self)})")
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return shard, index - int(self._starts[shard])
+
+    def read_raw(self, index: int) -> tuple[dict[str, np.ndarray], str]:
+        """The stored arrays (sensor -> [C,H,W] native dtype) and id of one sample."""
+        shard, local = self.locate(index)
+        raw = {}
+        for sensor in self.sensors:
+            ds, fast = self._dataset(shard, sensor)
+            if fast:
+                out = np.empty(ds.shape[1:], dtype=ds.dtype)
+                _, view = ds.id.read_direct_chunk((local, 0, 0, 0), out=out.reshape(-1).view(np.uint8))
+                if view.nbytes != out.nbytes:
+                    raise OSError(f"chunk of {view.nbytes} bytes, expected {out.nbytes}")
+                raw[sensor] = out
+            else:
+                raw[sensor] = ds[local]
+        return raw, self._sample_id(shard, local)
+
+    def _sample_id(self, shard: int, local: int) -> str:
+        if not self._has_ids[shard]:
+            return f"{self.paths[shard].stem}:{local}"
+        if shard not in self._ids:
+            self._ids[shard] = self._files[shard]["ids"].asstr()[()]
+        return str(self._ids[shard][local])
+
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: Sequence[int | tuple[int, int]]) -> list[dict[str, Any]]:
+        """Batched fetch (used by DataLoader): one sample per item, corrupt ones replaced."""
+        samples = []
+        for item in items:
+            index, aug_seed = (int(item[0]), int(item[1])) if isinstance(item, (tuple, list)) else (int(item), 0)
+            samples.append(self._load(index, aug_seed))
+        return samples
+
+    def _load(self, index: int, aug_seed: int) -> dict[str, Any]:
+        rng = random.Random(aug_seed)
+        corrupt: list[tuple[str, int, str]] = []
+        for attempt in range(MAX_REPLACEMENT_TRIES + 1):
+            try:
+                raw, sample_id = self.read_raw(index)
+                break
+            except _READ_ERRORS as err:
+                shard, local = self.locate(index)
+                corrupt.append((str(self.paths[shard]), local, f"{type(err).__name__}: {err}"))
+                index = int(self.replacement_pool[rng.randrange(len(self.replacement_pool))])
+        else:
+            raise CorruptSampleError(f"group '{self.name}': {len(corrupt)} unreadable samples in a row, last "
+                                     f"{corrupt[-1]}; the shards are badly damaged, convert them again")
+        shard, _ = self.locate(index)
+        images, valid = self.transform(raw, self.normalizers[shard], rng)
+        sample = {"images": images, "valid": valid, "id": sample_id}
+        if corrupt:
+            sample["corrupt"] = corrupt
+        return sample
+
+
+def _normalizer(info: ShardInfo, sensor: str, stats: Stats) -> SensorNormalizer:
+    spec = info.sensors[sensor]
+    sensor_stats = stats.sensor(sensor)
+    if sensor_stats.bands != spec.bands:
+        raise ValueError(f"{stats.path}: statistics of sensor '{sensor}' are for bands {list(sensor_stats.bands)}, "
+                         f"{info.path} stores {list(spec.bands)}; run `msgfm stats` on these shards again")
+    return SensorNormalizer.from_stats(sensor_stats.mean, sensor_stats.std, scale=spec.scale, offset=spec.offset,
+                                       nodata=spec.nodata)
+
+
+def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Samples -> batch ``{"images": {sensor: [B,C,S,S]}, "valid": {sensor: [B,C,S,S]}, "ids": [...],
+    "corrupt": [(file, index, error), ...]}`` (the scheduler strips "corrupt" after counting)."""
+    sensors = list(samples[0]["images"])
+    return {
+        "images": {s: torch.stack([x["images"][s] for x in samples]) for s in sensors},
+        "valid": {s: torch.stack([x["valid"][s] for x in samples]) for s in sensors},
+        "ids": [x["id"] for x in samples],
+        "corrupt": [rec for x in samples for rec in x.get("corrupt", ())],
+    }

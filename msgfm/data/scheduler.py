@@ -1,0 +1,307 @@
+"""The heterogeneous-batch scheduler: every training step yields one batch from every
+data group, in the config's fixed order, with the same batch sizes and the same number
+of steps on every rank (the MoE all-to-all hangs otherwise).
+
+Order of samples. Group ``g`` with ``n_g`` training samples, per-rank batch ``B_g`` and
+``R`` ranks: every group epoch draws a seeded permutation of its samples, keeps the first
+``R * (n_g // R)`` of them and gives rank ``r`` the ``r``-th block of ``n_g // R``
+(disjoint across ranks), cut into ``(n_g // R) // B_g`` full batches (the remainder is
+dropped on every rank alike). Global step ``s`` takes batch ``s mod nb_g`` of group
+epoch ``s // nb_g`` from every group, so a small group reshuffles and starts again when
+exhausted. One scheduler epoch is ``max_g nb_g`` steps: the largest group is seen once.
+
+The whole order is a function of (seed, group position, group epoch): resuming from
+``state_dict()`` (the next global step) gives exactly the batches of an uninterrupted run,
+augmentations included, because each sample carries its own augmentation seed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from msgfm.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+# A batch as produced by the per-group DataLoaders (see msgfm.data.dataset.collate_samples).
+Batch = dict[str, Any]
+
+
+def resolve_group_batches(cfg: RunConfig, group_sizes: Mapping[str, int]) -> dict[str, tuple[int, float]]:
+    """Per-GPU batch size and learning rate of every group, in config order.
+
+    Integer ``batch_size_per_gpu`` is used as given, with the group's ``lr``. ``"auto"`` groups
+    share ``data.total_batch_size_per_gpu`` (minus the fixed groups' batches) in proportion to
+    their sample counts in ``group_sizes`` (largest remainder, at least 1 each); their LR follows
+    the linear-scaling rule ``lr_ref x batch / data.reference_batch_size``, where ``lr_ref`` is the
+    group's ``lr`` when set, else ``data.reference_lr``.
+    """
+    data = cfg.data
+    missing = [g.name for g in data.groups if g.name not in group_sizes]
+    if missing:
+        raise ValueError(f"resolve_group_batches: no sample count for groups {missing}")
+    fixed = {g.name: int(g.batch_size_per_gpu) for g in data.groups if g.batch_size_per_gpu != "auto"}
+    auto = [g for g in data.groups if g.batch_size_per_gpu == "auto"]
+    sizes: dict[str, int] = dict(fixed)
+    if auto:
+        total = data.total_batch_size_per_gpu
+        assert total is not None, "DataConfig.__post_init__ requires it with auto batch sizes"
+        budget = total - sum(fixed.values())
+        if budget < len(auto):
+            raise ValueError(f"config key 'data.total_batch_size_per_gpu': {total} leaves {budget} samples for "
+                             f"the {len(auto)} auto groups {[g.name for g in auto]} after the fixed groups "
+                             f"{fixed}; each needs at least 1: raise it to >= {sum(fixed.values()) + len(auto)}")
+        sizes.update(_split_proportionally(budget, {g.name: group_sizes[g.name] for g in auto}))
+    out = {}
+    for g in data.groups:
+        batch = sizes[g.name]
+        if g.batch_size_per_gpu == "auto":
+            lr = (g.lr if g.lr is not None else data.reference_lr) * batch / data.reference_batch_size
+        else:
+            assert g.lr is not None, "DataGroupConfig.__post_init__ requires lr with a fixed batch size"
+            lr = g.lr
+        out[g.name] = (batch, lr)
+    return out
+
+
+def _split_proportionally(total: int, weights: Mapping[str, int]) -> dict[str, int]:
+    """Integers summing to ``total``, proportional to ``weights``, each at least 1."""
+    weight_sum = sum(weights.values())
+    if weight_sum <= 0:
+        raise ValueError(f"auto batch sizes need sample counts > 0, got {dict(weights)}")
+    ideal = {k: total * w / weight_sum for k, w in weights.items()}
+    sizes = {k: max(1, math.floor(v)) for k, v in ideal.items()}
+    by_remainder = sorted(weights, key=lambda k: ideal[k] - sizes[k], reverse=True)
+    i = 0
+    while sum(sizes.values()) < total:
+        sizes[by_remainder[i % len(by_remainder)]] += 1
+        i += 1
+    while sum(sizes.values()) > total:  # only after the at-least-1 bumps: take from the largest
+        largest = max(sizes, key=lambda k: sizes[k])
+        sizes[largest] -= 1
+    return sizes
+
+
+@dataclass(frozen=True)
+class GroupOrder:
+    """The sample order of one group on one rank: which (index, augmentation seed) pairs
+    make batch ``step`` (see the module docstring)."""
+
+    indices: np.ndarray  # the group's training sample indices (into its GroupDataset)
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    group_position: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world_size {self.world_size}")
+
+    @property
+    def per_rank(self) -> int:
+        return len(self.indices) // self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.per_rank // self.batch_size
+
+    def epoch_order(self, group_epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's sample indices and augmentation seeds for one group epoch."""
+        rng = np.random.default_rng([self.seed, self.group_position, group_epoch])
+        order = rng.permutation(len(self.indices))
+        aug_seeds = rng.integers(0, 2**62, size=len(self.indices))
+        block = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+        return self.indices[order[block]], aug_seeds[block]
+
+
+class StepRangeBatchSampler:
+    """A DataLoader batch sampler over global steps ``[start, stop)`` of one group.
+
+    The scheduler sets the range before each pass; sampling runs in the main process, so
+    the worker processes only ever see lists of (index, augmentation seed)."""
+
+    def __init__(self, order: GroupOrder) -> None:
+        self.order = order
+        self.start = 0
+        self.stop = 0
+        self._cache: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.stop):
+            yield self._batch(step)
+
+    def _batch(self, step: int) -> list[tuple[int, int]]:
+        nb = self.order.batches_per_epoch
+        group_epoch, position = divmod(step, nb)
+        if self._cache is None or self._cache[0] != group_epoch:
+            self._cache = (group_epoch, self.order.epoch_order(group_epoch))
+        indices, seeds = self._cache[1]
+        sl = slice(position * self.order.batch_size, (position + 1) * self.order.batch_size)
+        return [(int(i), int(s)) for i, s in zip(indices[sl], seeds[sl])]
+
+
+class FixedBatchSampler:
+    """Validation batches: this rank's disjoint block of ``indices`` in a fixed order, full
+    batches only, the same count on every rank."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int, rank: int, world_size: int) -> None:
+        per_rank = len(indices) // world_size
+        self.batch_size = max(1, min(batch_size, per_rank))
+        self.indices = mine = indices[rank * per_rank:(rank + 1) * per_rank]
+        self.num_batches = per_rank // self.batch_size if per_rank else 0
+        self.batches = [[(int(i), 0) for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]
+                        for b in range(self.num_batches)]
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches)
+
+
+def split_train_val(num_samples: int, val_fraction: float, seed: int, group_position: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded disjoint (train, val) index arrays over ``range(num_samples)``; val gets
+    ``ceil(val_fraction x n)`` samples when ``val_fraction > 0`` (at most n - 1)."""
+    if val_fraction <= 0 or num_samples < 2:
+        return np.arange(num_samples), np.arange(0)
+    num_val = min(num_samples - 1, math.ceil(val_fraction * num_samples))
+    # A separate stream from the training order: (seed, group, -1) is never a group epoch.
+    perm = np.random.default_rng([seed, group_position, 2**31]).permutation(num_samples)
+    return np.sort(perm[num_val:]), np.sort(perm[:num_val])
+
+
+class CorruptSampleError(RuntimeError):
+    """Too many unreadable samples: the run stops rather than train on a shrinking dataset."""
+
+
+class CorruptTracker:
+    """Counts samples read and corrupt samples skipped (they arrive with each batch from the
+    workers) and stops the run past ``max_fraction``.
+
+    The allowance is ``max_fraction x max(samples read, group size)``: the group size as a
+    floor so that one bad sample early in a run is not judged against a handful of reads.
+    """
+
+    def __init__(self, max_fraction: float, group_sizes: Mapping[str, int]) -> None:
+        self.max_fraction = max_fraction
+        self.group_sizes = dict(group_sizes)
+        self.read = {g: 0 for g in group_sizes}
+        self.corrupt = {g: 0 for g in group_sizes}
+
+    def update(self, group: str, batch: Batch) -> Batch:
+        """Record a batch's read/corrupt counts, strip the side channel, check the limit."""
+        records = batch.pop("corrupt", [])
+        self.read[group] += len(batch["ids"]) + len(records)
+        if records:
+            self.corrupt[group] += len(records)
+            for path, index, error in records:
+                log.warning("group %s: skipped corrupt sample %d of %s (%s); replaced by another sample",
+                            group, index, path, error)
+            allowed = self.max_fraction * max(self.read[group], self.group_sizes[group])
+            if self.corrupt[group] > allowed:
+                raise CorruptSampleError(
+                    f"group '{group}': {self.corrupt[group]} corrupt samples out of {self.read[group]} read, "
+                    f"more than data.max_corrupt_fraction={self.max_fraction}; last one: sample {records[-1][1]} "
+                    f"of {records[-1][0]} ({records[-1][2]}). Re-create the damaged shards (msgfm convert ...) "
+                    f"or raise data.max_corrupt_fraction")
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"read": dict(self.read), "corrupt": dict(self.corrupt)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.read.update(state.get("read", {}))
+        self.corrupt.update(state.get("corrupt", {}))
+
+
+class HeterogeneousScheduler:
+    """Iterating yields one scheduler epoch (or what is left of it): per step a list of
+    ``(group_name, batch)`` in config order, batch = ``{"images": {sensor: [B,C,S,S]},
+    "valid": {sensor: [B,C,S,S] bool}, "ids": list[str]}``.
+
+    ``loaders`` are DataLoaders (any iterable works) whose batch sampler is the group's
+    :class:`StepRangeBatchSampler`; the scheduler sets the step range before each pass.
+    """
+
+    def __init__(self, names: Sequence[str], loaders: Sequence[Any], samplers: Sequence[StepRangeBatchSampler],
+                 tracker: CorruptTracker, seed: int) -> None:
+        assert len(names) == len(loaders) == len(samplers)
+        empty = [n for n, s in zip(names, samplers) if s.order.batches_per_epoch < 1]
+        if empty:
+            details = ", ".join(f"'{n}' ({s.order.per_rank} training samples per rank < batch "
+                                f"{s.order.batch_size})" for n, s in zip(names, samplers) if n in empty)
+            raise ValueError(f"data groups without a single full batch per rank: {details}; add samples, "
+                             f"lower batch_size_per_gpu or use fewer ranks")
+        self.names = list(names)
+        self.loaders = list(loaders)
+        self.samplers = list(samplers)
+        self.tracker = tracker
+        self.seed = seed
+        self.step = 0  # the next global step to yield
+
+    @property
+    def batches_per_epoch(self) -> dict[str, int]:
+        return {n: s.order.batches_per_epoch for n, s in zip(self.names, self.samplers)}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(self.batches_per_epoch.values())
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        """Completed scheduler epochs (the index of the epoch the next step belongs to)."""
+        return self.step // self.steps_per_epoch
+
+    @property
+    def group_epochs(self) -> dict[str, int]:
+        """Completed passes over each group's training samples (for logging)."""
+        return {n: self.step // nb for n, nb in self.batches_per_epoch.items()}
+
+    @property
+    def corrupt_counts(self) -> dict[str, int]:
+        return dict(self.tracker.corrupt)
+
+    @property
+    def samples_read(self) -> dict[str, int]:
+        return dict(self.tracker.read)
+
+    def __iter__(self) -> Iterator[list[tuple[str, Batch]]]:
+        start = self.step
+        stop = (self.epoch + 1) * self.steps_per_epoch
+        for sampler in self.samplers:
+            sampler.start, sampler.stop = start, stop
+        iterators = [iter(loader) for loader in self.loaders]
+        for step in range(start, stop):
+            batches = [(name, self.tracker.update(name, next(it))) for name, it in zip(self.names, iterators)]
+            self.step = step + 1  # counted before handing out: a checkpoint taken now resumes after it
+            yield batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "seed": self.seed, "batches_per_epoch": self.batches_per_epoch,
+                "corrupt": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume at the recorded step; warns when seed or batch counts differ (the data or the
+        config changed, so the order cannot match the interrupted run)."""
+        if state.get("seed") != self.seed:
+            warnings.warn(f"resuming data order recorded with seed {state.get('seed')} under seed {self.seed}: "
+                          f"the batches will differ from the interrupted run", stacklevel=2)
+        if dict(state.get("batches_per_epoch", {})) != self.batches_per_epoch:
+            warnings.warn(f"batches per epoch changed since the checkpoint ({dict(state.get('batches_per_epoch', {}))}"
+                          f" -> {self.batches_per_epoch}): the data or batch sizes differ, so the order "
+                          f"differs from the interrupted run", stacklevel=2)
+        self.step = int(state["step"])
+        self.tracker.load_state_dict(state.get("corrupt", {}))
