@@ -1,0 +1,64 @@
+"""Parameter counts of a run config, global over the expert-parallel split, without building weights.
+
+The model is built on the ``meta`` device (shapes only, no memory, no process group) with
+``expert_parallel_size = 1``, so the expert totals are those of all experts of every layer,
+whatever the run's split: with expert-parallel size E a rank holds only num_experts / E of them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from deepspeed.moe.utils import is_moe_param
+
+from msgfm.config import RunConfig
+
+
+def _global_config(cfg: RunConfig, moe_enabled: bool) -> RunConfig:
+    moe = dataclasses.replace(cfg.model.moe, expert_parallel_size=1, enabled=moe_enabled)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
+
+
+def _numel(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def count_parameters(cfg: RunConfig) -> dict[str, int | dict[str, int]]:
+    """Global parameter counts of the pretraining model of ``cfg`` (works on CPU, no process group).
+
+    Keys: ``encoder_shared`` (encoder parameters outside the experts, gates included),
+    ``encoder_experts`` (all experts of all MoE layers), ``encoder_total``,
+    ``encoder_active_per_token`` (shared + top_k / num_experts of the experts),
+    ``encoder_dense`` (the same encoder with plain MLPs instead of MoE: the Swin's size),
+    ``embeddings`` / ``decoders`` (all sensors) with per-sensor ``embedding/{s}``-style breakdowns
+    under ``per_sensor``, ``mask_token``, ``model_total`` and ``model_active_per_token``
+    (active: the encoder's active part plus ONE sensor's embedding and decoder is what a
+    sample touches; here all embeddings and decoders are included for simplicity of use).
+    """
+    from msgfm.models.msgfm import MsGFM  # local: msgfm.models imports this module
+
+    with torch.device("meta"):
+        model = MsGFM(_global_config(cfg, cfg.model.moe.enabled))
+        dense = MsGFM(_global_config(cfg, False)) if cfg.model.moe.enabled else model
+    enc = list(model.encoder.parameters())
+    experts = _numel(p for p in enc if is_moe_param(p))
+    shared = _numel(enc) - experts
+    moe = cfg.model.moe
+    active_experts = experts * moe.top_k // moe.num_experts if moe.enabled else 0
+    embeddings = _numel(model.embeddings.parameters())
+    decoders = _numel(model.decoders.parameters())
+    other = embeddings + decoders + model.mask_token.numel()
+    return {
+        "encoder_dense": _numel(dense.encoder.parameters()),
+        "encoder_shared": shared,
+        "encoder_experts": experts,
+        "encoder_total": shared + experts,
+        "encoder_active_per_token": shared + active_experts,
+        "embeddings": embeddings,
+        "decoders": decoders,
+        "mask_token": model.mask_token.numel(),
+        "model_total": shared + experts + other,
+        "model_active_per_token": shared + active_experts + other,
+        "per_sensor": {s: _numel(model.embeddings[s].parameters()) + _numel(model.decoders[s].parameters())
+                       for s in model.sensors},
+    }
