@@ -1,0 +1,179 @@
+"""``msgfm convert bigearthnet``: BigEarthNet v1 (BigEarthNet-MM) S1 + S2 patch folders to paired shards.
+
+Input layout (as distributed, and as in the bigearthnet-common example archives)::
+
+    BigEarthNet-S2/<S2 patch>/<S2 patch>_B01.tif ... _B12.tif (no B10), <S2 patch>_labels_metadata.json
+    BigEarthNet-S1/<S1 patch>/<S1 patch>_VV.tif, _VH.tif, <S1 patch>_labels_metadata.json
+                                            (its "corresponding_s2_patch" names the S2 patch)
+
+Output: sensors ``sar`` (VV, VH float32 dB) and ``s2`` (12 bands uint16, reflectance x 1e4,
+all on the 10 m 120 x 120 grid) plus ``labels/multilabel`` in the 19-class nomenclature.
+The 10 m bands (B02, B03, B04, B08) are copied unchanged; the 20 m and 60 m bands are
+resampled onto the 10 m grid with bilinear interpolation (GDAL warp, pixel-area aware).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.warp import reproject, transform as warp_transform
+
+from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args
+from msgfm.data.format import SensorArraySpec, multilabel_spec
+from msgfm.sensors import get_sensor
+
+# The 19-class BigEarthNet nomenclature (Sumbul et al., "BigEarthNet-MM", IEEE GRSM 2021, Table 1):
+# each class and the CORINE Land Cover level-3 labels (of the 43 used in BigEarthNet v1) it merges.
+# The 11 CLC labels absent here (e.g. "Airports", "Bare rock", "Intertidal flats") have no 19-class target.
+BEN19_FROM_CLC43: dict[str, tuple[str, ...]] = {
+    "Urban fabric": ("Continuous urban fabric", "Discontinuous urban fabric"),
+    "Industrial or commercial units": ("Industrial or commercial units",),
+    "Arable land": ("Non-irrigated arable land", "Permanently irrigated land", "Rice fields"),
+    "Permanent crops": ("Vineyards", "Fruit trees and berry plantations", "Olive groves",
+                        "Annual crops associated with permanent crops"),
+    "Pastures": ("Pastures",),
+    "Complex cultivation patterns": ("Complex cultivation patterns",),
+    "Land principally occupied by agriculture, with significant areas of natural vegetation":
+        ("Land principally occupied by agriculture, with significant areas of natural vegetation",),
+    "Agro-forestry areas": ("Agro-forestry areas",),
+    "Broad-leaved forest": ("Broad-leaved forest",),
+    "Coniferous forest": ("Coniferous forest",),
+    "Mixed forest": ("Mixed forest",),
+    "Natural grassland and sparsely vegetated areas": ("Natural grassland", "Sparsely vegetated areas"),
+    "Moors, heathland and sclerophyllous vegetation": ("Moors and heathland", "Sclerophyllous vegetation"),
+    "Transitional woodland, shrub": ("Transitional woodland/shrub",),
+    "Beaches, dunes, sands": ("Beaches, dunes, sands",),
+    "Inland wetlands": ("Inland marshes", "Peatbogs"),
+    "Coastal wetlands": ("Salt marshes", "Salines"),
+    "Inland waters": ("Water courses", "Water bodies"),
+    "Marine waters": ("Coastal lagoons", "Estuaries", "Sea and ocean"),
+}
+BEN19_CLASSES: tuple[str, ...] = tuple(BEN19_FROM_CLC43)
+CLC43_WITHOUT_BEN19: frozenset[str] = frozenset({
+    "Road and rail networks and associated land", "Port areas", "Airports", "Mineral extraction sites",
+    "Dump sites", "Construction sites", "Green urban areas", "Sport and leisure facilities", "Bare rock",
+    "Burnt areas", "Intertidal flats"})
+_CLC43_TO_INDEX = {clc: i for i, merged in enumerate(BEN19_FROM_CLC43.values()) for clc in merged}
+assert len(_CLC43_TO_INDEX) + len(CLC43_WITHOUT_BEN19) == 43
+
+PATCH_SIZE = 120  # pixels of the 10 m grid
+S2_SCALE = 1e-4  # BigEarthNet L2A stores reflectance x 10000
+RESAMPLING = Resampling.bilinear
+
+
+def ben19_vector(clc43_labels: list[str], where: str) -> np.ndarray:
+    """(19,) uint8 multi-hot vector of the 19-class labels for a patch's CLC-43 labels."""
+    vector = np.zeros(len(BEN19_CLASSES), dtype=np.uint8)
+    for label in clc43_labels:
+        if label in _CLC43_TO_INDEX:
+            vector[_CLC43_TO_INDEX[label]] = 1
+        elif label not in CLC43_WITHOUT_BEN19:
+            raise ValueError(f"{where}: '{label}' is not one of the 43 BigEarthNet CLC labels")
+    return vector
+
+
+def _metadata(folder: Path) -> dict:
+    path = folder / f"{folder.name}_labels_metadata.json"
+    if not path.is_file():
+        raise SkipItem(f"{path.name} is missing")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def pair_patches(s1_root: Path, s2_root: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+    """(S1 folder, S2 folder) pairs from each S1 patch's ``corresponding_s2_patch``, and what was left out."""
+    s2_folders = {p.name: p for p in sorted(s2_root.iterdir()) if p.is_dir()}
+    pairs, skipped, used = [], [], set()
+    for s1 in sorted(p for p in s1_root.iterdir() if p.is_dir()):
+        try:
+            s2_name = _metadata(s1).get("corresponding_s2_patch")
+        except (SkipItem, ValueError) as err:
+            skipped.append((str(s1), f"S1 metadata unusable: {err}"))
+            continue
+        if not s2_name:
+            skipped.append((str(s1), "S1 metadata names no corresponding_s2_patch"))
+        elif s2_name not in s2_folders:
+            skipped.append((str(s1), f"its S2 patch {s2_name} is not in {s2_root}"))
+        else:
+            pairs.append((s1, s2_folders[s2_name]))
+            used.add(s2_name)
+    skipped += [(str(p), "no S1 patch names this S2 patch") for name, p in s2_folders.items() if name not in used]
+    return pairs, skipped
+
+
+def _read_band(path: Path, reference: rasterio.DatasetReader | None) -> np.ndarray:
+    """A band on the 10 m grid: as stored when it is on it, else resampled onto ``reference``'s grid."""
+    if not path.is_file():
+        raise SkipItem(f"band file {path.name} is missing")
+    with rasterio.open(path) as src:
+        if src.shape == (PATCH_SIZE, PATCH_SIZE):
+            return src.read(1)
+        assert reference is not None
+        out_HW = np.zeros((PATCH_SIZE, PATCH_SIZE), dtype=src.dtypes[0])
+        reproject(rasterio.band(src, 1), out_HW, dst_transform=reference.transform, dst_crs=reference.crs,
+                  resampling=RESAMPLING)
+        return out_HW
+
+
+def _read_s1_band(path: Path, reference: rasterio.DatasetReader) -> np.ndarray:
+    if not path.is_file():
+        raise SkipItem(f"band file {path.name} is missing")
+    with rasterio.open(path) as src:
+        if src.crs != reference.crs or src.transform != reference.transform or src.shape != reference.shape:
+            raise SkipItem(f"{path.name} is not on the grid of its S2 patch (CRS, transform or size differ)")
+        return src.read(1)
+
+
+def load_pair(pair: tuple[Path, Path], *, require_labels: bool = True) -> LoadResult:
+    """Read one S1/S2 pair into a Sample with sar, s2 and the 19-class label vector."""
+    s1, s2 = pair
+    sample_id = s2.name
+    s2_bands = get_sensor("s2").bands
+    with rasterio.open(s2 / f"{s2.name}_B02.tif") as reference:
+        if reference.shape != (PATCH_SIZE, PATCH_SIZE):
+            raise SkipItem(f"B02 is {reference.shape}, expected {PATCH_SIZE}x{PATCH_SIZE}")
+        s2_CHW = np.stack([_read_band(s2 / f"{s2.name}_{band}.tif", reference) for band in s2_bands])
+        center = reference.xy(PATCH_SIZE / 2, PATCH_SIZE / 2, offset="ul")
+        lons, lats = warp_transform(reference.crs, "EPSG:4326", [center[0]], [center[1]])
+        sar_CHW = np.stack([_read_s1_band(s1 / f"{s1.name}_{pol}.tif", reference)
+                            for pol in get_sensor("sar").bands])
+    meta = _metadata(s2)
+    labels = ben19_vector(list(meta.get("labels", [])), f"{s2.name}_labels_metadata.json")
+    if require_labels and not labels.any():
+        raise SkipItem("none of its CLC labels has a 19-class target")
+    time = str(meta.get("acquisition_date", "")).replace(" ", "T") or None
+    return LoadResult(samples=[Sample(sample_id=sample_id, images={"sar": sar_CHW.astype("float32"), "s2": s2_CHW},
+                                      labels={"multilabel": labels}, lat=lats[0], lon=lons[0], time=time)])
+
+
+def convert(args: argparse.Namespace) -> int:
+    for name in ("s1", "s2"):
+        if not getattr(args, name).is_dir():
+            raise FileNotFoundError(f"--{name} {getattr(args, name)} is not a folder of BigEarthNet patch folders")
+    pairs, skipped = pair_patches(args.s1, args.s2)
+    sensors = {"sar": SensorArraySpec(dtype="float32", channels=2, height=PATCH_SIZE, width=PATCH_SIZE),
+               "s2": SensorArraySpec(dtype="uint16", channels=len(get_sensor("s2").bands), height=PATCH_SIZE,
+                                     width=PATCH_SIZE, scale=S2_SCALE)}
+    run_from_args(args, items=pairs, load=functools.partial(load_pair, require_labels=not args.keep_unlabelled),
+                  group=args.group, sensors=sensors, labels=[multilabel_spec(BEN19_CLASSES)], skipped_before=skipped,
+                  source=f"BigEarthNet v1: S1 {args.s1}, S2 {args.s2}", description="bigearthnet")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bigearthnet", help="BigEarthNet v1 S1 + S2 patch folders -> paired sar + s2 shards with 19-class labels",
+        description="Pairs each S1 patch with the S2 patch its metadata names, stacks the 12 S2 bands on the "
+                    "10 m 120x120 grid (10 m bands copied exactly; 20 m and 60 m bands resampled with bilinear "
+                    "interpolation) and maps the 43 CLC labels to the 19-class nomenclature (Sumbul et al. 2021).")
+    parser.add_argument("--s1", required=True, type=Path, help="folder of S1 patch folders (BigEarthNet-S1-v1.0)")
+    parser.add_argument("--s2", required=True, type=Path, help="folder of S2 patch folders (BigEarthNet-v1.0)")
+    parser.add_argument("--group", default="bigearthnet", help="data group written in the shards (default bigearthnet)")
+    parser.add_argument("--keep-unlabelled", action="store_true",
+                        help="keep patches none of whose labels has a 19-class target (skipped by default)")
+    add_common_args(parser, prefix="bigearthnet")
+    parser.set_defaults(func=convert)

@@ -1,0 +1,232 @@
+"""What every converter shares: the driver that loads items in worker processes and
+writes shards, the skip report, tiling windows and the common command-line options.
+
+A converter lists its *items* (a patch folder, an image file, a tile window), gives a
+picklable ``load(item) -> LoadResult`` and the shard layout; :func:`run_conversion`
+does the rest: loads items in ``--workers`` processes (in input order, so the output
+is the same for any number of workers), writes shards of ``--samples-per-shard``
+samples through :class:`~msgfm.data.format.ShardWriter` (temporary name, renamed when
+complete, so re-running is safe), and reports what it skipped and why, on screen and
+in ``<prefix>.skipped.json`` beside the shards.
+
+Legend: C channels, H x W pixels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from msgfm.data.format import LabelSpec, SensorArraySpec, ShardWriter
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "this input is unusable", reported and skipped; anything else is a bug and propagates.
+# (rasterio's RasterioIOError and PIL's UnidentifiedImageError are OSErrors.)
+_SKIPPABLE = (OSError, ValueError, KeyError)
+
+
+class SkipItem(Exception):
+    """Raised by a loader for an input it leaves out on purpose; the message is the reason."""
+
+
+@dataclass
+class Sample:
+    """One sample ready for a shard: ``images[sensor]`` is (C, H, W) in the sensor's stored dtype."""
+
+    sample_id: str
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray] | None = None
+    lat: float | None = None
+    lon: float | None = None
+    time: str | None = None
+
+
+@dataclass
+class LoadResult:
+    """What loading one item gave: samples, and (id, reason) for the parts it skipped."""
+
+    samples: list[Sample] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class ConversionReport:
+    shards: list[Path]
+    num_samples: int
+    skipped: list[tuple[str, str]]
+    report_path: Path
+
+    def summary(self) -> str:
+        reasons = Counter(_reason_kind(reason) for _, reason in self.skipped)
+        lines = [f"wrote {self.num_samples} samples in {len(self.shards)} shard(s); skipped {len(self.skipped)}"]
+        lines += [f"  {count} x {reason}" for reason, count in reasons.most_common()]
+        if self.skipped:
+            lines.append(f"  details: {self.report_path}")
+        return "\n".join(lines)
+
+
+def _reason_kind(reason: str) -> str:
+    # Group reasons that differ only in numbers ("nodata 0.42 > 0.1" and "nodata 0.61 > 0.1").
+    return re.sub(r"\d+(\.\d+)?", "#", reason)
+
+
+def _load_safely(load: Callable[[Any], LoadResult], item: Any) -> tuple[Any, LoadResult]:
+    try:
+        return item, load(item)
+    except SkipItem as err:
+        return item, LoadResult(skipped=[(str(item), str(err))])
+    except _SKIPPABLE as err:
+        return item, LoadResult(skipped=[(str(item), f"unreadable: {type(err).__name__}: {err}")])
+
+
+def run_conversion(*, items: Sequence[Any], load: Callable[[Any], LoadResult], output_dir: str | Path,
+                   prefix: str, group: str, sensors: Mapping[str, SensorArraySpec],
+                   labels: Sequence[LabelSpec] | None = None, compression: str | None = None,
+                   samples_per_shard: int = 1000, workers: int = 1, source: str = "",
+                   description: str = "converting",
+                   skipped_before: Sequence[tuple[str, str]] = ()) -> ConversionReport:
+    """Load every item (in ``workers`` processes), write shards ``<output_dir>/<prefix>-NNNNN.h5``.
+
+    ``skipped_before`` lists (item, reason) the converter left out while listing its inputs
+    (e.g. an S2 patch without S1 partner); they go into the same report.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if not items:
+        raise ValueError(f"nothing to convert: no input found for {description}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    shards: list[Path] = []
+    skipped: list[tuple[str, str]] = list(skipped_before)
+    writer: ShardWriter | None = None
+    num_samples = 0
+
+    def new_writer() -> ShardWriter:
+        return ShardWriter(output_dir / f"{prefix}-{len(shards):05d}.h5", group, sensors, compression=compression,
+                           labels=labels, source=source, created_by=f"msgfm convert ({description})")
+
+    results: Iterable[tuple[Any, LoadResult]]
+    pool = None
+    if workers > 1:
+        pool = multiprocessing.get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
+        results = pool.imap(_LoadCall(load), items, chunksize=1)
+    else:
+        results = (_load_safely(load, item) for item in items)
+    try:
+        with tqdm(total=len(items), desc=description, unit="item", dynamic_ncols=True) as bar:
+            for _, result in results:
+                skipped.extend(result.skipped)
+                for sample in result.samples:
+                    if writer is None:
+                        writer = new_writer()
+                    writer.append(sample.images, sample.sample_id, labels=sample.labels, lat=sample.lat,
+                                  lon=sample.lon, time=sample.time)
+                    num_samples += 1
+                    if writer.num_samples == samples_per_shard:
+                        shards.append(writer.close())
+                        writer = None
+                bar.update(1)
+                bar.set_postfix(samples=num_samples, skipped=len(skipped))
+        if writer is not None:
+            shards.append(writer.close())
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+        if pool is not None:
+            pool.terminate()
+    _remove_stale_shards(output_dir, prefix, keep=len(shards))
+    report_path = output_dir / f"{prefix}.skipped.json"
+    report = {"group": group, "source": source, "samples_written": num_samples,
+              "shards": [p.name for p in shards],
+              "skipped": [{"item": item, "reason": reason} for item, reason in skipped]}
+    report_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    result = ConversionReport(shards=shards, num_samples=num_samples, skipped=skipped, report_path=report_path)
+    if num_samples == 0:
+        raise ValueError(f"no sample could be converted ({len(skipped)} skipped); see {report_path}")
+    return result
+
+
+class _LoadCall:
+    """Picklable wrapper so that worker processes apply the skip rules too."""
+
+    def __init__(self, load: Callable[[Any], LoadResult]) -> None:
+        self.load = load
+
+    def __call__(self, item: Any) -> tuple[Any, LoadResult]:
+        return _load_safely(self.load, item)
+
+
+def _remove_stale_shards(output_dir: Path, prefix: str, keep: int) -> None:
+    # A previous run that produced more shards would otherwise leave them behind for the shard globs.
+    pattern = re.compile(rf"{re.escape(prefix)}-(\d{{5}})\.h5")
+    for path in output_dir.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and int(match.group(1)) >= keep:
+            log.info("removing %s, left over from an earlier conversion with more shards", path)
+            path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- tiling
+
+
+def tile_offsets(height: int, width: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left (row, col) of every size x size tile that fits, stepping by ``stride``."""
+    if size < 1 or stride < 1:
+        raise ValueError(f"--size and --stride must be >= 1, got {size} and {stride}")
+    rows = range(0, height - size + 1, stride) if height >= size else []
+    cols = range(0, width - size + 1, stride) if width >= size else []
+    return [(r, c) for r in rows for c in cols]
+
+
+def invalid_mask(array_CHW: np.ndarray, nodata: float | None) -> np.ndarray:
+    """(H, W) bool: pixels where any band is nodata, NaN or infinite."""
+    invalid_HW = np.zeros(array_CHW.shape[1:], dtype=bool)
+    if array_CHW.dtype.kind == "f":
+        invalid_HW |= ~np.isfinite(array_CHW).all(axis=0)
+    if nodata is not None:
+        invalid_HW |= (array_CHW == np.asarray(nodata).astype(array_CHW.dtype)).any(axis=0)
+    return invalid_HW
+
+
+def storage_dtype(dtype: str) -> str:
+    """The shard dtype for a raster dtype: native where the format allows it, float32 otherwise."""
+    from msgfm.data.format import SENSOR_DTYPES
+
+    name = np.dtype(dtype).name
+    return name if name in SENSOR_DTYPES else "float32"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, prefix: str) -> None:
+    """The options every converter takes."""
+    parser.add_argument("--output", "-o", required=True, type=Path, help="folder for the shards")
+    parser.add_argument("--prefix", default=prefix,
+                        help=f"shard file names are PREFIX-00000.h5, ... (default: {prefix})")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="processes reading the inputs (default: min(4, CPUs))")
+    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard file (default 1000)")
+    parser.add_argument("--compression", choices=["none", "lzf", "gzip"], default="lzf",
+                        help="HDF5 compression of the sensor datasets (default lzf: fast; gzip: smaller, slower)")
+
+
+def run_from_args(args: argparse.Namespace, **kwargs: Any) -> ConversionReport:
+    """run_conversion with the common options taken from ``args``; prints the report."""
+    report = run_conversion(output_dir=args.output, prefix=args.prefix, workers=args.workers,
+                            samples_per_shard=args.samples_per_shard,
+                            compression=None if args.compression == "none" else args.compression, **kwargs)
+    print(report.summary())
+    return report

@@ -1,0 +1,179 @@
+"""``msgfm convert raster-pair``: two large co-registered rasters tiled into paired patches.
+
+For MDAS-style pairs (airborne RGB + DSM) or any optical + elevation pair. The two
+rasters must share a CRS (else: refused, reproject one first) and overlap (the
+intersection is used). Tiles are cut on the grid of the finer raster; the coarser one is
+resampled onto each tile's grid with ``--resampling`` (bilinear by default, GDAL warp,
+nodata-aware). Tiles whose share of nodata pixels (in either raster) exceeds
+``--max-nodata`` are skipped and reported.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.warp import reproject, transform as warp_transform
+from rasterio.windows import Window, from_bounds
+
+from msgfm.data.convert.common import (LoadResult, Sample, SkipItem, add_common_args, invalid_mask, run_from_args,
+                                       storage_dtype, tile_offsets)
+from msgfm.data.format import SensorArraySpec
+from msgfm.sensors import get_sensor
+
+RESAMPLINGS = ("bilinear", "nearest", "cubic", "average")
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    sensor: str
+    path: str
+    dtype: str  # as stored in the shard
+    nodata: float | None
+    pixel_area: float
+
+
+@dataclass(frozen=True)
+class PairGrid:
+    """Where the tiles are cut: the intersection of both rasters on the finer raster's grid."""
+
+    rasters: tuple[RasterInfo, RasterInfo]
+    fine: str  # sensor whose pixels are copied as they are
+    crs_wkt: str
+    col_off: int  # the intersection window in the fine raster's pixels
+    row_off: int
+    height: int
+    width: int
+    transform: Affine  # of the intersection window
+
+
+def _nodata(value: float | None) -> float | None:
+    # NaN nodata needs no value: NaN pixels are caught as non-finite.
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def plan_pair(rasters: dict[str, Path]) -> PairGrid:
+    """Check both rasters (bands, CRS, overlap) and find the common grid; ValueError says why not."""
+    if len(rasters) != 2:
+        raise ValueError(f"raster-pair needs exactly two --raster SENSOR=PATH, got {len(rasters)}")
+    infos, sources = [], {}
+    for sensor, path in rasters.items():
+        spec = get_sensor(sensor)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--raster {sensor}={path}: no such file")
+        with rasterio.open(path) as src:
+            if src.count != spec.num_channels:
+                raise ValueError(f"{path} has {src.count} bands but sensor '{sensor}' has {spec.num_channels} "
+                                 f"{list(spec.bands)}; pick the matching sensor or extract those bands first")
+            if src.crs is None:
+                raise ValueError(f"{path} has no CRS; georeference it first")
+            sources[sensor] = (src.crs, src.bounds, src.transform, src.shape)
+            infos.append(RasterInfo(sensor=sensor, path=str(path), dtype=storage_dtype(src.dtypes[0]),
+                                    nodata=_nodata(src.nodata), pixel_area=abs(src.res[0] * src.res[1])))
+    (name_a, (crs_a, bounds_a, _, _)), (name_b, (crs_b, bounds_b, _, _)) = sources.items()
+    if crs_a != crs_b:
+        raise ValueError(f"the rasters have different CRS: {name_a} {crs_a.to_string()}, {name_b} "
+                         f"{crs_b.to_string()}; reproject one onto the other's CRS first (e.g. gdalwarp -t_srs)")
+    left, bottom = max(bounds_a.left, bounds_b.left), max(bounds_a.bottom, bounds_b.bottom)
+    right, top = min(bounds_a.right, bounds_b.right), min(bounds_a.top, bounds_b.top)
+    if left >= right or bottom >= top:
+        raise ValueError(f"the rasters do not overlap: {name_a} covers {tuple(bounds_a)}, {name_b} covers "
+                         f"{tuple(bounds_b)} (in {crs_a.to_string()})")
+    fine = min(infos, key=lambda info: info.pixel_area)
+    _, _, fine_transform, (fine_h, fine_w) = sources[fine.sensor]
+    window = from_bounds(left, bottom, right, top, transform=fine_transform)
+    eps = 1e-6  # keep only whole fine pixels inside the intersection
+    col0, row0 = max(0, math.ceil(window.col_off - eps)), max(0, math.ceil(window.row_off - eps))
+    col1 = min(fine_w, math.floor(window.col_off + window.width + eps))
+    row1 = min(fine_h, math.floor(window.row_off + window.height + eps))
+    inner = Window(col0, row0, col1 - col0, row1 - row0)
+    return PairGrid(rasters=tuple(infos), fine=fine.sensor, crs_wkt=crs_a.to_wkt(), col_off=col0, row_off=row0,
+                    height=row1 - row0, width=col1 - col0,
+                    transform=rasterio.windows.transform(inner, fine_transform))
+
+
+def load_tile(offset: tuple[int, int], *, grid: PairGrid, size: int, resampling: str,
+              max_nodata: float) -> LoadResult:
+    """Cut one size x size tile at (row, col) of the intersection: fine raster copied, coarse one resampled."""
+    row, col = offset
+    tile_transform = grid.transform * Affine.translation(col, row)
+    images, invalid_HW = {}, np.zeros((size, size), dtype=bool)
+    for info in grid.rasters:
+        with rasterio.open(info.path) as src:
+            if info.sensor == grid.fine:
+                array_CHW = src.read(window=Window(grid.col_off + col, grid.row_off + row, size, size))
+            else:
+                array_CHW = np.full((src.count, size, size), info.nodata if info.nodata is not None else 0,
+                                    dtype=src.dtypes[0])
+                reproject(rasterio.band(src, list(range(1, src.count + 1))), array_CHW,
+                          dst_transform=tile_transform, dst_crs=grid.crs_wkt, src_nodata=info.nodata,
+                          dst_nodata=info.nodata, resampling=Resampling[resampling])
+        images[info.sensor] = array_CHW.astype(info.dtype)
+        invalid_HW |= invalid_mask(array_CHW, info.nodata)
+    sample_id = f"{Path(grid.rasters[0].path).stem}+{Path(grid.rasters[1].path).stem}_r{row}_c{col}"
+    fraction = float(invalid_HW.mean())
+    if fraction > max_nodata:
+        raise SkipItem(f"nodata fraction {fraction:.2f} > --max-nodata {max_nodata}")
+    x, y = tile_transform * (size / 2, size / 2)
+    lons, lats = warp_transform(rasterio.crs.CRS.from_wkt(grid.crs_wkt), "EPSG:4326", [x], [y])
+    return LoadResult(samples=[Sample(sample_id=sample_id, images=images, lat=lats[0], lon=lons[0])])
+
+
+def parse_rasters(values: list[str]) -> dict[str, Path]:
+    rasters = {}
+    for value in values:
+        sensor, sep, path = value.partition("=")
+        if not sep or not sensor or not path:
+            raise ValueError(f"--raster {value!r}: expected SENSOR=PATH, e.g. --raster dsm=dsm.tif")
+        get_sensor(sensor)
+        if sensor in rasters:
+            raise ValueError(f"--raster: sensor '{sensor}' given twice")
+        rasters[sensor] = Path(path)
+    return rasters
+
+
+def convert(args: argparse.Namespace) -> int:
+    if not 0.0 <= args.max_nodata <= 1.0:
+        raise ValueError(f"--max-nodata must be in [0, 1], got {args.max_nodata}")
+    grid = plan_pair(parse_rasters(args.raster))
+    stride = args.stride or args.size
+    offsets = tile_offsets(grid.height, grid.width, args.size, stride)
+    if not offsets:
+        raise ValueError(f"the overlap of the rasters is {grid.height}x{grid.width} pixels on the {grid.fine} grid, "
+                         f"smaller than one --size {args.size} tile; use a smaller --size")
+    print(f"overlap {grid.height}x{grid.width} px on the {grid.fine} grid -> {len(offsets)} tiles of {args.size} px "
+          f"(stride {stride}); the other raster is resampled ({args.resampling})")
+    sensors = {info.sensor: SensorArraySpec(dtype=info.dtype, channels=get_sensor(info.sensor).num_channels,
+                                            height=args.size, width=args.size, nodata=info.nodata)
+               for info in grid.rasters}
+    load = functools.partial(load_tile, grid=grid, size=args.size, resampling=args.resampling,
+                             max_nodata=args.max_nodata)
+    run_from_args(args, items=offsets, load=load, group=args.group, sensors=sensors, description="raster-pair",
+                  source=" + ".join(f"{i.sensor}={i.path}" for i in grid.rasters))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "raster-pair", help="two co-registered rasters (e.g. RGB + DSM) -> paired tiles",
+        description="Tiles the overlap of two rasters in the same CRS into paired patches on the finer raster's "
+                    "grid; the coarser raster is resampled onto it (--resampling, default bilinear). Refuses "
+                    "rasters in different CRS or without overlap.")
+    parser.add_argument("--raster", action="append", required=True, metavar="SENSOR=PATH",
+                        help="a raster and the registered sensor it holds; give it twice (e.g. rgb=ortho.tif "
+                             "dsm=dsm.tif)")
+    parser.add_argument("--size", type=int, default=192, help="tile size in pixels (default 192)")
+    parser.add_argument("--stride", type=int, default=None, help="step between tiles (default: --size)")
+    parser.add_argument("--resampling", choices=RESAMPLINGS, default="bilinear",
+                        help="how the coarser raster is resampled onto the finer grid (default bilinear)")
+    parser.add_argument("--max-nodata", type=float, default=0.25,
+                        help="skip tiles with a larger share of nodata pixels in either raster (default 0.25)")
+    parser.add_argument("--group", default="mdas", help="data group written in the shards (default mdas)")
+    add_common_args(parser, prefix="pair")
+    parser.set_defaults(func=convert)
