@@ -1,0 +1,116 @@
+"""``msgfm inspect SHARD``: what a shard holds, read from its metadata.
+
+Prints the layout (datasets, shapes, dtypes, chunks, compression), the sample count, the
+per-sensor attributes, ids/coordinates, labels, and the band statistics when a stats file
+is found beside the shard. A shard that fails validation is still listed (raw HDF5 tree)
+after the validation error, so a damaged file can be looked at.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from msgfm.data.format import ShardError, ShardInfo, read_shard_info
+from msgfm.data.stats import DEFAULT_STATS_NAME, MissingStatsError, default_stats_path, load_stats
+
+_MAX_LISTED = 8  # ids and class names shown before "..."
+
+
+def _short(values: list, limit: int = _MAX_LISTED) -> str:
+    shown = ", ".join(str(v) for v in values[:limit])
+    return f"[{shown}{', ...' if len(values) > limit else ''}] ({len(values)})"
+
+
+def _layout(info: ShardInfo) -> list[str]:
+    lines = []
+    with h5py.File(info.path, "r") as f:
+        for name, s in info.sensors.items():
+            ds = f[name]
+            lines.append(f"  /{name}: {s.shape} {s.dtype}, chunks {ds.chunks}, compression {s.compression}")
+            lines.append(f"      bands {list(s.bands)}")
+            lines.append(f"      wavelengths_nm {[None if np.isnan(w) else w for w in s.wavelengths_nm]}")
+            lines.append(f"      gsd_m {s.gsd_m}, nodata {s.nodata}, scale {s.scale}, offset {s.offset}")
+        if info.has_ids:
+            lines.append(f"  /ids: {_short(list(f['ids'].asstr()[:_MAX_LISTED + 1]))[:-4]}({info.num_samples})")
+        for name in ("lat", "lon", "time"):
+            if name in f:
+                lines.append(f"  /{name}: {f[name].shape} {f[name].dtype}")
+    for name, label in info.labels.items():
+        lines.append(f"  /labels/{name}: {label.shape} {label.dtype}")
+        for key, value in label.attrs.items():
+            lines.append(f"      {key} {_short(value) if isinstance(value, list) else value}")
+    return lines
+
+
+def _raw_tree(path: Path) -> list[str]:
+    lines: list[str] = []
+    try:
+        with h5py.File(path, "r") as f:
+            lines += [f"  @{k} = {v!r}" for k, v in f.attrs.items()]
+            f.visititems(lambda name, obj: lines.append(
+                f"  /{name}: {obj.shape} {obj.dtype}" if isinstance(obj, h5py.Dataset) else f"  /{name}/"))
+    except OSError as err:
+        lines.append(f"  (not readable as HDF5: {err})")
+    return lines
+
+
+def _stats_lines(info: ShardInfo, stats_path: Path | None) -> list[str]:
+    path = stats_path or default_stats_path([info.path], DEFAULT_STATS_NAME)
+    try:
+        stats = load_stats(path)
+    except MissingStatsError:
+        return [f"statistics: none at {path} (run `msgfm stats` on this group's shards)"]
+    except ValueError as err:
+        return [f"statistics: {err}"]
+    listed = any((stats.path.parent / f.path).resolve() == info.path.resolve() for f in stats.files)
+    lines = [f"statistics: {stats.path} ({stats.units} units, {stats.num_samples} samples, "
+             f"{len(stats.files)} files, this shard {'included' if listed else 'NOT included'})"]
+    for name in info.sensors:
+        if name not in stats.sensors:
+            lines.append(f"  {name}: no statistics")
+            continue
+        s = stats.sensors[name]
+        for band, mean, std in zip(s.bands, s.mean, s.std):
+            lines.append(f"  {name:>8} {band:>10}  mean {mean:12.5g}  std {std:12.5g}")
+    return lines
+
+
+def describe_shard(path: str | Path, stats_path: str | Path | None = None) -> str:
+    """A human-readable description of a valid shard (raises ShardError for an invalid one)."""
+    info = read_shard_info(path, check_data=False)
+    size_mb = info.path.stat().st_size / 2**20
+    lines = [f"{info.path} ({size_mb:.1f} MiB)",
+             f"format version {info.format_version}, group '{info.group}', sensors {list(info.sensors)}, "
+             f"{info.num_samples} samples",
+             "attributes: " + ", ".join(f"{k}={v}" for k, v in info.attrs.items()
+                                        if k not in ("group", "sensors", "msgfm_format_version")),
+             "layout:", *_layout(info)]
+    if not info.labels:
+        lines.append("labels: none")
+    lines += _stats_lines(info, Path(stats_path) if stats_path else None)
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.shards:
+        try:
+            print(describe_shard(path, args.stats))
+        except ShardError as err:
+            print(f"INVALID SHARD: {err}\nraw HDF5 content of {path}:\n" + "\n".join(_raw_tree(Path(path))))
+            status = 1
+        print()
+    return status
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``msgfm inspect``."""
+    p = subparsers.add_parser("inspect", help="print a shard's layout, attributes, labels and statistics",
+                              description="Describe msgfm HDF5 shards from their metadata.")
+    p.add_argument("shards", nargs="+", type=Path, metavar="SHARD")
+    p.add_argument("--stats", type=Path, default=None,
+                   help=f"stats JSON (default: {DEFAULT_STATS_NAME} beside the shard)")
+    p.set_defaults(func=_run)
