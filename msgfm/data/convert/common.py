@@ -77,8 +77,9 @@ class ConversionReport:
 
 
 def _reason_kind(reason: str) -> str:
-    # Group reasons that differ only in numbers ("nodata 0.42 > 0.1" and "nodata 0.61 > 0.1").
-    return re.sub(r"\d+(\.\d+)?", "#", reason)
+    # Reasons read "what: details"; group by what, and merge those that differ in a measured
+    # number only ("nodata fraction 0.42 > ..." and "nodata fraction 0.61 > ...").
+    return re.sub(r"\d+\.\d+", "#", reason.split(":")[0])
 
 
 def _load_safely(load: Callable[[Any], LoadResult], item: Any) -> tuple[Any, LoadResult]:

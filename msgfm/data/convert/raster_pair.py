@@ -102,7 +102,7 @@ def load_tile(offset: tuple[int, int], *, grid: PairGrid, size: int, resampling:
               max_nodata: float) -> LoadResult:
     """Cut one size x size tile at (row, col) of the intersection: fine raster copied, coarse one resampled."""
     row, col = offset
-    tile_transform = grid.transform * Affine.translation(col, row)
+    tile_transform = grid.transform @ Affine.translation(col, row)
     images, invalid_HW = {}, np.zeros((size, size), dtype=bool)
     for info in grid.rasters:
         with rasterio.open(info.path) as src:
@@ -120,7 +120,7 @@ def load_tile(offset: tuple[int, int], *, grid: PairGrid, size: int, resampling:
     fraction = float(invalid_HW.mean())
     if fraction > max_nodata:
         raise SkipItem(f"nodata fraction {fraction:.2f} > --max-nodata {max_nodata}")
-    x, y = tile_transform * (size / 2, size / 2)
+    x, y = tile_transform @ (size / 2, size / 2)
     lons, lats = warp_transform(rasterio.crs.CRS.from_wkt(grid.crs_wkt), "EPSG:4326", [x], [y])
     return LoadResult(samples=[Sample(sample_id=sample_id, images=images, lat=lats[0], lon=lons[0])])
 

@@ -42,7 +42,7 @@ def find_pairs(root: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str
         if s2.is_file():
             pairs.append((s1, s2))
         else:
-            skipped.append((str(s1), f"no S2 partner {s2.relative_to(root)}"))
+            skipped.append((str(s1), f"no S2 partner: expected {s2.relative_to(root)}"))
     return pairs, skipped
 
 
