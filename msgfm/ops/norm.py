@@ -5,21 +5,11 @@ name: the registry package called ``apex`` is an unrelated project.
 """
 from __future__ import annotations
 
-import importlib
-
 from torch import nn
 
+from msgfm.ops.apex_support import APEX_INSTALL_HINT, apex_fused_layer_norm
 
-def apex_fused_layer_norm() -> tuple[type[nn.Module] | None, str]:
-    """Return (FusedLayerNorm class, "") or (None, reason it is unavailable)."""
-    try:
-        module = importlib.import_module("apex.normalization")
-    except Exception as err:  # ImportError, or an unrelated 'apex' package failing on import
-        return None, f"NVIDIA apex is not installed ({type(err).__name__}: {err})"
-    cls = getattr(module, "FusedLayerNorm", None)
-    if cls is None:
-        return None, "the installed 'apex' has no apex.normalization.FusedLayerNorm (is it NVIDIA apex?)"
-    return cls, ""
+__all__ = ["apex_fused_layer_norm", "layer_norm_class"]
 
 
 def layer_norm_class(kind: str) -> type[nn.Module]:
@@ -29,7 +19,7 @@ def layer_norm_class(kind: str) -> type[nn.Module]:
     if kind == "apex":
         cls, reason = apex_fused_layer_norm()
         if cls is None:
-            raise RuntimeError(f"kernels.layernorm=apex: {reason}. Build NVIDIA apex from source "
-                               f"(github.com/NVIDIA/apex) or set kernels.layernorm=torch")
+            raise RuntimeError(f"kernels.layernorm=apex: {reason}. Either {APEX_INSTALL_HINT}, "
+                               f"or set kernels.layernorm=torch")
         return cls
     raise ValueError(f"kernels.layernorm must be 'torch' or 'apex', got '{kind}'")

@@ -18,6 +18,7 @@ kernel of msgfm/ops/fused.py.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 ATTENTION_IMPLS = ("auto", "fused", "sdpa", "eager")
-_logged_choices: set[tuple[str, str]] = set()
+_logged_choices: set[tuple[str, ...]] = set()  # what was logged or warned once
 
 
 def relative_position_bias(bias_table_TH: torch.Tensor, rel_index_NN: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -78,28 +79,43 @@ def fused_attention_available() -> tuple[bool, str]:
     return fused.available()
 
 
-def resolve_attention_impl(requested: str, device: torch.device) -> str:
-    """Turn ``auto`` into a concrete implementation; explicit ``fused`` fails with the reason it cannot run."""
-    if requested not in ATTENTION_IMPLS:
-        raise ValueError(f"attention implementation '{requested}' is not one of {ATTENTION_IMPLS}")
+class FusedUnavailableError(RuntimeError):
+    """An explicit ``fused`` implementation was requested but cannot run; the message says why."""
+
+
+def resolve_fused(requested: str, device: torch.device, key: str, fallback: str) -> str:
+    """Shared by the attention and window-process switches: ``auto``/``fused`` -> a concrete choice.
+
+    ``auto`` takes ``fused`` on a CUDA device when the extension is available, else ``fallback``
+    (with one warning per reason when a CUDA device is there but the extension is not);
+    ``fused`` raises :class:`FusedUnavailableError` with the reason. Each choice is logged once.
+    """
     choice = requested
     if requested in ("auto", "fused"):
-        ok, reason = (False, "tensors are not on a CUDA device") if device.type != "cuda" else \
-            fused_attention_available()
+        ok, reason = (False, f"tensors are on {device.type}, not on a CUDA device") if device.type != "cuda" \
+            else fused_attention_available()
         if ok:
             choice = "fused"
         elif requested == "fused":
-            raise RuntimeError(f"attention 'fused' was requested but cannot run: {reason}. "
-                               f"Use kernels.attention=sdpa (or auto to fall back automatically)")
+            raise FusedUnavailableError(f"{key}=fused was requested but cannot run: {reason}. "
+                                        f"Set {key}={fallback} (or auto to fall back automatically)")
         else:
-            choice = "sdpa"
-            if device.type == "cuda" and ("auto-fallback", reason) not in _logged_choices:
-                _logged_choices.add(("auto-fallback", reason))
-                log.warning("fused window attention unavailable, using sdpa: %s", reason)
-    if (requested, choice) not in _logged_choices:
-        _logged_choices.add((requested, choice))
-        log.info("window attention: %s (requested %s, device %s)", choice, requested, device.type)
+            choice = fallback
+            if device.type == "cuda" and (key, reason) not in _logged_choices:
+                _logged_choices.add((key, reason))
+                warnings.warn(f"{key}=auto: the fused CUDA kernels are unavailable, using {fallback}: {reason}",
+                              RuntimeWarning, stacklevel=3)
+    if (key, requested, choice) not in _logged_choices:
+        _logged_choices.add((key, requested, choice))
+        log.info("%s: %s (requested %s, device %s)", key, choice, requested, device.type)
     return choice
+
+
+def resolve_attention_impl(requested: str, device: torch.device) -> str:
+    """Turn ``auto`` into a concrete implementation; explicit ``fused`` fails with the reason it cannot run."""
+    if requested not in ATTENTION_IMPLS:
+        raise ValueError(f"kernels.attention: '{requested}' is not one of {ATTENTION_IMPLS}")
+    return resolve_fused(requested, device, "kernels.attention", "sdpa")
 
 
 def window_attention(qkv_BN3C: torch.Tensor, bias_table_TH: torch.Tensor, rel_index_NN: torch.Tensor,

@@ -11,27 +11,17 @@ WINDOW_PROCESS_IMPLS = ("auto", "fused", "torch")
 
 
 def resolve_window_process_impl(requested: str, device: torch.device) -> str:
+    """Turn ``auto`` into ``fused`` (CUDA device and extension available) or ``torch``; explicit ``fused``
+    fails with the reason it cannot run."""
     if requested not in WINDOW_PROCESS_IMPLS:
-        raise ValueError(f"window process implementation '{requested}' is not one of {WINDOW_PROCESS_IMPLS}")
-    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
-        return "torch"
-    try:
-        from msgfm.ops import fused
+        raise ValueError(f"kernels.window_process: '{requested}' is not one of {WINDOW_PROCESS_IMPLS}")
+    from msgfm.ops.window_attention import resolve_fused
 
-        ok, reason = fused.available()
-    except ImportError as err:
-        ok, reason = False, str(err)
-    if not ok and device.type != "cuda":
-        ok, reason = False, "tensors are not on a CUDA device"
-    if ok:
-        return "fused"
-    if requested == "fused":
-        raise RuntimeError(f"window process 'fused' was requested but cannot run: {reason}. "
-                           f"Use kernels.window_process=torch")
-    return "torch"
+    return resolve_fused(requested, device, "kernels.window_process", "torch")
 
 
 def window_partition_torch(x_BHWC: torch.Tensor, window_size: int, shift_size: int) -> torch.Tensor:
+    """Reference path: torch.roll, then a view/permute copy."""
     B, H, W, C = x_BHWC.shape
     if shift_size:
         x_BHWC = torch.roll(x_BHWC, shifts=(-shift_size, -shift_size), dims=(1, 2))
@@ -40,6 +30,7 @@ def window_partition_torch(x_BHWC: torch.Tensor, window_size: int, shift_size: i
 
 
 def window_merge_torch(windows_BNC: torch.Tensor, window_size: int, shift_size: int, H: int, W: int) -> torch.Tensor:
+    """Reference path: a view/permute copy, then torch.roll."""
     C = windows_BNC.shape[-1]
     x = windows_BNC.view(-1, H // window_size, W // window_size, window_size, window_size, C)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
