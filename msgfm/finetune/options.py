@@ -1,0 +1,117 @@
+"""Fine-tuning options the field expects: layer-wise LR decay, train fractions, frozen encoders.
+
+Layer ids follow SimMIM / BEiT for Swin: the patch embedding is layer 0, block j
+of stage i is layer ``sum(depths[:i]) + j + 1``, the patch merging that opens
+stage i (timm's ``layers.i.downsample``) shares the id of the last block before
+it, the final norm and everything outside the encoder (the head) is the top
+layer ``sum(depths) + 1``. Parameter group ``lr_scale`` = decay ** (top - id); the
+training loop multiplies each group's LR by it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.blocks\.(\d+)\.")
+_DOWNSAMPLE = re.compile(r"(?:^|\.)layers\.(\d+)\.downsample\.")
+_EMBED = re.compile(r"(?:^|\.)(patch_embed|embeds?|mask_token)(\.|$)")
+
+
+def swin_layer_id(name: str, depths: Sequence[int], encoder_prefix: str = "encoder.") -> int:
+    """The layer-decay id of a parameter name (see the module docstring)."""
+    top = sum(depths) + 1
+    if _EMBED.search(name):
+        return 0
+    if not name.startswith(encoder_prefix):
+        return top  # task head
+    if match := _BLOCK.search(name):
+        stage, block = int(match.group(1)), int(match.group(2))
+        return sum(depths[:stage]) + block + 1
+    if match := _DOWNSAMPLE.search(name):
+        return sum(depths[:int(match.group(1))])
+    return top  # final norm
+
+
+def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float, depths: Sequence[int],
+                 no_weight_decay: Iterable[str] = (), encoder_prefix: str = "encoder.") -> list[dict]:
+    """AdamW parameter groups: no decay on 1-D tensors (norms, biases) and on ``no_weight_decay`` names
+    (relative position tables, mask token), and an ``lr_scale`` per layer when ``layer_decay`` < 1.
+
+    Frozen parameters (``requires_grad=False``) are left out. MoE expert parameters are then
+    moved into groups of their own, as DeepSpeed's ZeRO needs (see msgfm/train/optim.py).
+    """
+    if not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    skip = set(no_weight_decay)
+    top = sum(depths) + 1
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim <= 1 or any(s in name for s in skip))
+        layer = swin_layer_id(name, depths, encoder_prefix) if layer_decay < 1 else top
+        group = groups.setdefault((layer, decay), {
+            "name": f"layer{layer}_{'decay' if decay else 'no_decay'}", "params": [],
+            "weight_decay": weight_decay if decay else 0.0, "lr_scale": layer_decay ** (top - layer),
+            "layer_id": layer})
+        group["params"].append(param)
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    ordered = [groups[key] for key in sorted(groups)]
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(ordered) if g["params"]]
+
+
+def freeze(module: nn.Module) -> int:
+    """Stop gradients into ``module`` (linear probing); returns the number of parameters frozen."""
+    count = 0
+    for param in module.parameters():
+        param.requires_grad_(False)
+        count += param.numel()
+    return count
+
+
+def select_train_fraction(ids: Sequence[str], fraction: float, seed: int, path: str | Path) -> list[str]:
+    """Draw ``fraction`` of ``ids`` with a fixed seed and save them to ``path`` (one id per line).
+
+    If ``path`` exists it is read back instead (so a resumed or repeated run trains on
+    the same subset), after checking that it was drawn with the same fraction and seed
+    and that every id it lists is in ``ids``. The draw is a seeded permutation of the
+    ids in the order given, so it depends only on the dataset and the seed.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train fraction must be in (0, 1], got {fraction}")
+    if not ids:
+        raise ValueError("select_train_fraction: the training set is empty")
+    path = Path(path)
+    header = f"# msgfm train subset: fraction={fraction} seed={seed} of {len(ids)} ids"
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if not lines or lines[0] != header:
+            raise ValueError(f"{path} was drawn with other settings ('{lines[0] if lines else ''}', now "
+                             f"'{header}'); delete it or use another output folder")
+        chosen = lines[1:]
+        unknown = sorted(set(chosen) - set(ids))
+        if unknown:
+            raise ValueError(f"{path} lists ids not in the training set, e.g. {unknown[:3]}; delete the file")
+        return chosen
+    count = max(1, int(math.floor(fraction * len(ids) + 0.5)))
+    order = np.random.default_rng(seed).permutation(len(ids))[:count]
+    chosen = [ids[i] for i in sorted(order)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join([header, *chosen]) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return chosen
+
+
+def lr_scales_applied(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
+    """Set each param group's LR to ``base_lr`` x its ``lr_scale`` (1 when absent)."""
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * group.get("lr_scale", 1.0)
