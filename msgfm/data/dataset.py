@@ -84,6 +84,7 @@ class GroupDataset(Dataset):
         self._files: dict[int, h5py.File] = {}
         self._datasets: dict[tuple[int, str], tuple[h5py.Dataset, bool]] = {}
         self._ids: dict[int, np.ndarray] = {}
+        self._bad: set[int] = set()  # samples that failed to read in this process
 
     def _dataset(self, shard: int, sensor: str) -> tuple[h5py.Dataset, bool]:
         if self._pid != os.getpid():
@@ -102,6 +103,7 @@ class GroupDataset(Dataset):
         state = dict(self.__dict__)
         for key in ("_files", "_datasets", "_ids"):
             state[key] = {}
+        state["_bad"] = set()
         state["_pid"] = -1  # handles are reopened by whoever unpickles (spawned workers)
         return state
 
@@ -161,23 +163,35 @@ class GroupDataset(Dataset):
     def _load(self, index: int, aug_seed: int) -> dict[str, Any]:
         rng = random.Random(aug_seed)
         corrupt: list[tuple[str, int, str]] = []
-        for attempt in range(MAX_REPLACEMENT_TRIES + 1):
-            try:
-                raw, sample_id = self.read_raw(index)
-                break
-            except _READ_ERRORS as err:
-                shard, local = self.locate(index)
-                corrupt.append((str(self.paths[shard]), local, f"{type(err).__name__}: {err}"))
-                index = int(self.replacement_pool[rng.randrange(len(self.replacement_pool))])
+        for _ in range(MAX_REPLACEMENT_TRIES + 1):
+            shard, local = self.locate(index)
+            if index in self._bad:  # seen failing earlier in this process: skip without rereading
+                corrupt.append((str(self.paths[shard]), local, "known corrupt (failed before)"))
+            else:
+                try:
+                    raw, sample_id = self.read_raw(index)
+                    break
+                except _READ_ERRORS as err:
+                    self._bad.add(index)
+                    corrupt.append((str(self.paths[shard]), local, f"{type(err).__name__}: {err}"))
+            index = self._replacement(rng)
         else:
             raise CorruptSampleError(f"group '{self.name}': {len(corrupt)} unreadable samples in a row, last "
                                      f"{corrupt[-1]}; the shards are badly damaged, convert them again")
-        shard, _ = self.locate(index)
         images, valid = self.transform(raw, self.normalizers[shard], rng)
         sample = {"images": images, "valid": valid, "id": sample_id}
         if corrupt:
             sample["corrupt"] = corrupt
         return sample
+
+    def _replacement(self, rng: random.Random) -> int:
+        """A random index of the replacement pool, avoiding the ones known to be corrupt."""
+        pool = self.replacement_pool
+        for _ in range(MAX_REPLACEMENT_TRIES):
+            index = int(pool[rng.randrange(len(pool))])
+            if index not in self._bad:
+                return index
+        return index
 
 
 def _normalizer(info: ShardInfo, sensor: str, stats: Stats) -> SensorNormalizer:

@@ -19,9 +19,11 @@ from msgfm.data.stats import DEFAULT_STATS_NAME, MissingStatsError, default_stat
 _MAX_LISTED = 8  # ids and class names shown before "..."
 
 
-def _short(values: list, limit: int = _MAX_LISTED) -> str:
+def _short(values: list, total: int | None = None, limit: int = _MAX_LISTED) -> str:
+    """The first ``limit`` values and how many there are (``total`` when only a head was read)."""
+    total = len(values) if total is None else total
     shown = ", ".join(str(v) for v in values[:limit])
-    return f"[{shown}{', ...' if len(values) > limit else ''}] ({len(values)})"
+    return f"[{shown}{', ...' if total > limit else ''}] ({total})"
 
 
 def _layout(info: ShardInfo) -> list[str]:
@@ -34,7 +36,7 @@ def _layout(info: ShardInfo) -> list[str]:
             lines.append(f"      wavelengths_nm {[None if np.isnan(w) else w for w in s.wavelengths_nm]}")
             lines.append(f"      gsd_m {s.gsd_m}, nodata {s.nodata}, scale {s.scale}, offset {s.offset}")
         if info.has_ids:
-            lines.append(f"  /ids: {_short(list(f['ids'].asstr()[:_MAX_LISTED + 1]))[:-4]}({info.num_samples})")
+            lines.append(f"  /ids: {_short(list(f['ids'].asstr()[:_MAX_LISTED]), info.num_samples)}")
         for name in ("lat", "lon", "time"):
             if name in f:
                 lines.append(f"  /{name}: {f[name].shape} {f[name].dtype}")
@@ -81,8 +83,8 @@ def _stats_lines(info: ShardInfo, stats_path: Path | None) -> list[str]:
 def describe_shard(path: str | Path, stats_path: str | Path | None = None) -> str:
     """A human-readable description of a valid shard (raises ShardError for an invalid one)."""
     info = read_shard_info(path, check_data=False)
-    size_mb = info.path.stat().st_size / 2**20
-    lines = [f"{info.path} ({size_mb:.1f} MiB)",
+    size = info.path.stat().st_size
+    lines = [f"{info.path} ({size / 2**20:.1f} MiB)" if size >= 2**20 else f"{info.path} ({size / 2**10:.1f} KiB)",
              f"format version {info.format_version}, group '{info.group}', sensors {list(info.sensors)}, "
              f"{info.num_samples} samples",
              "attributes: " + ", ".join(f"{k}={v}" for k, v in info.attrs.items()
