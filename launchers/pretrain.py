@@ -1,0 +1,48 @@
+"""Pretrain msGFM with DeepSpeed.
+
+    deepspeed --num_gpus 8 launchers/pretrain.py --deepspeed_config ds_configs/v100x8.json \
+        --data-root /data/msgfm --output-dir runs/paper
+    deepspeed --hostfile hosts launchers/pretrain.py --deepspeed_config ...      # several nodes
+    torchrun --nproc_per_node 8 launchers/pretrain.py --deepspeed_config ...
+    python launchers/pretrain.py --deepspeed_config ds_configs/v100x8.json --dry-run   # check on one CPU
+
+Trailing ``dotted.key=value`` arguments override the config (``train.max_steps=100``).
+"""
+import argparse
+import sys
+
+import deepspeed
+
+from msgfm.train import pretrain
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="msgfm_swinb_192", help="shipped config name or YAML path")
+    parser.add_argument("--data-root", default=None, help="folder of the HDF5 shards (default: data.root)")
+    parser.add_argument("--output-dir", default="runs/msgfm", help="checkpoints, MLflow store, figures")
+    parser.add_argument("--dry-run", action="store_true", help="check the configuration for --world-size ranks "
+                        "on this machine, print parameter counts and memory, do not train")
+    parser.add_argument("--world-size", type=int, default=None, help="dry run: target world size (default: "
+                        "from the ds_config name, v100x8 -> 8)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.deepspeed_config:
+        parser.error("--deepspeed_config is required (e.g. ds_configs/v100x8.json or ds_configs/cpu.json)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return pretrain(args.config, args.overrides, args.deepspeed_config, args.data_root, args.output_dir,
+                        dry_run=args.dry_run, world_size=args.world_size)
+    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line
+        print(f"pretrain: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
