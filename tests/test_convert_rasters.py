@@ -53,6 +53,7 @@ def test_raster_pair_tiles_on_the_finer_grid(landsat, tmp_path: Path) -> None:
         assert info.group == "mdas" and info.num_samples == expected_tiles
         assert info.sensors["rgb"].dtype == np.uint8 and info.sensors["dsm"].dtype == np.uint16
         assert info.sensors["rgb"].nodata == 255 and info.sensors["dsm"].nodata == 65535
+        assert info.sensors["dsm"].gsd_m == pytest.approx(0.0015 * 111_320, rel=1e-3)  # 0.0015 deg of latitude
         with h5py.File(out / "pair-00000.h5") as f:
             for i in (0, expected_tiles // 2, expected_tiles - 1):
                 tile_id = f["ids"][i].decode()

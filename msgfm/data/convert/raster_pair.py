@@ -51,6 +51,18 @@ class PairGrid:
     height: int
     width: int
     transform: Affine  # of the intersection window
+    gsd_m: float  # nominal pixel size of the tiles on the ground
+
+
+# Metres per degree of latitude: turns a geographic CRS's pixel size into a nominal GSD.
+_METRES_PER_DEGREE = 111_320.0
+
+
+def nominal_gsd_m(crs: rasterio.crs.CRS, res: tuple[float, float]) -> float:
+    """Pixel size in metres: projected units converted to metres, degrees of latitude for geographic CRS."""
+    if crs.is_geographic:
+        return abs(res[1]) * _METRES_PER_DEGREE
+    return abs(res[1]) * crs.linear_units_factor[1]
 
 
 def _nodata(value: float | None) -> float | None:
@@ -73,10 +85,10 @@ def plan_pair(rasters: dict[str, Path]) -> PairGrid:
                                  f"{list(spec.bands)}; pick the matching sensor or extract those bands first")
             if src.crs is None:
                 raise ValueError(f"{path} has no CRS; georeference it first")
-            sources[sensor] = (src.crs, src.bounds, src.transform, src.shape)
+            sources[sensor] = (src.crs, src.bounds, src.transform, src.shape, src.res)
             infos.append(RasterInfo(sensor=sensor, path=str(path), dtype=storage_dtype(src.dtypes[0]),
                                     nodata=_nodata(src.nodata), pixel_area=abs(src.res[0] * src.res[1])))
-    (name_a, (crs_a, bounds_a, _, _)), (name_b, (crs_b, bounds_b, _, _)) = sources.items()
+    (name_a, (crs_a, bounds_a, *_)), (name_b, (crs_b, bounds_b, *_)) = sources.items()
     if crs_a != crs_b:
         raise ValueError(f"the rasters have different CRS: {name_a} {crs_a.to_string()}, {name_b} "
                          f"{crs_b.to_string()}; reproject one onto the other's CRS first (e.g. gdalwarp -t_srs)")
@@ -86,7 +98,7 @@ def plan_pair(rasters: dict[str, Path]) -> PairGrid:
         raise ValueError(f"the rasters do not overlap: {name_a} covers {tuple(bounds_a)}, {name_b} covers "
                          f"{tuple(bounds_b)} (in {crs_a.to_string()})")
     fine = min(infos, key=lambda info: info.pixel_area)
-    _, _, fine_transform, (fine_h, fine_w) = sources[fine.sensor]
+    _, _, fine_transform, (fine_h, fine_w), fine_res = sources[fine.sensor]
     window = from_bounds(left, bottom, right, top, transform=fine_transform)
     eps = 1e-6  # keep only whole fine pixels inside the intersection
     col0, row0 = max(0, math.ceil(window.col_off - eps)), max(0, math.ceil(window.row_off - eps))
@@ -95,7 +107,8 @@ def plan_pair(rasters: dict[str, Path]) -> PairGrid:
     inner = Window(col0, row0, col1 - col0, row1 - row0)
     return PairGrid(rasters=tuple(infos), fine=fine.sensor, crs_wkt=crs_a.to_wkt(), col_off=col0, row_off=row0,
                     height=row1 - row0, width=col1 - col0,
-                    transform=rasterio.windows.transform(inner, fine_transform))
+                    transform=rasterio.windows.transform(inner, fine_transform),
+                    gsd_m=nominal_gsd_m(crs_a, fine_res))
 
 
 def load_tile(offset: tuple[int, int], *, grid: PairGrid, size: int, resampling: str,
@@ -150,12 +163,14 @@ def convert(args: argparse.Namespace) -> int:
     print(f"overlap {grid.height}x{grid.width} px on the {grid.fine} grid -> {len(offsets)} tiles of {args.size} px "
           f"(stride {stride}); the other raster is resampled ({args.resampling})")
     sensors = {info.sensor: SensorArraySpec(dtype=info.dtype, channels=get_sensor(info.sensor).num_channels,
-                                            height=args.size, width=args.size, nodata=info.nodata)
+                                            height=args.size, width=args.size, nodata=info.nodata,
+                                            gsd_m=grid.gsd_m)
                for info in grid.rasters}
     load = functools.partial(load_tile, grid=grid, size=args.size, resampling=args.resampling,
                              max_nodata=args.max_nodata)
     run_from_args(args, items=offsets, load=load, group=args.group, sensors=sensors, description="raster-pair",
-                  source=" + ".join(f"{i.sensor}={i.path}" for i in grid.rasters))
+                  source=" + ".join(f"{i.sensor}={i.path}" for i in grid.rasters)
+                  + f"; tiled on the {grid.fine} grid, the other resampled ({args.resampling})")
     return 0
 
 
