@@ -7,7 +7,10 @@ from msgfm.config import RunConfig, list_configs, load_config, save_config
 from msgfm.sensors import SensorSpec, get_sensor, list_sensors, register_sensors_from_yaml
 
 
-@pytest.mark.parametrize("name", list_configs())
+PRETRAIN_CONFIGS = [n for n in list_configs() if not n.startswith("ft_")]  # ft_*: fine-tuning, own schema
+
+
+@pytest.mark.parametrize("name", PRETRAIN_CONFIGS)
 def test_every_shipped_config_loads_and_round_trips(name, tmp_path):
     cfg = load_config(name)
     assert isinstance(cfg, RunConfig)
@@ -71,6 +74,11 @@ def test_bad_values_fail_at_load_time_naming_the_key(override, fragment):
     with pytest.raises(ValueError, match=None) as info:
         load_config("msgfm_swinb_192", [override])
     assert fragment in str(info.value)
+
+
+def test_finetuning_config_points_to_its_loader():
+    with pytest.raises(ValueError, match="fine-tuning config"):
+        load_config("ft_ben_tiny")
 
 
 def test_unknown_config_name_lists_shipped_configs():

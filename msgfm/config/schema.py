@@ -1,4 +1,4 @@
-"""Typed run configuration: one small dataclass per component, loaded from YAML.
+"""The run configuration schema: one small dataclass per component.
 
 A run config is composed of component configs (model, MoE, masking, data groups,
 optimizer, schedule, training, tracking, kernels). Each validates itself in
@@ -6,26 +6,15 @@ optimizer, schedule, training, tracking, kernels). Each validates itself in
 image size, say) live in :class:`RunConfig`. Every mistake a user can make is a
 ``ValueError`` whose message names the dotted key and says what to change.
 
-Configs shipped with the package live in ``msgfm/configs/*.yaml`` and load by name;
-a YAML file may start from another with ``_base_: NAME_OR_PATH`` and override
-only what differs (the ablations do this)::
-
-    cfg = load_config("msgfm_swinb_192", overrides=["model.moe.num_experts=4"])
+Loading from YAML lives in :mod:`msgfm.config.loader`.
 """
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Literal, Union
 
-import yaml
-
-from msgfm.sensors import SensorSpec, UnknownSensorError, get_sensor, register_sensor
-
-CONFIG_DIR = Path(__file__).with_name("configs")
+from msgfm.sensors import UnknownSensorError, get_sensor
 
 # Swin downsamples by 2 three times after the patch embedding: total stride 8 x patch.
 NUM_PATCH_MERGES = 3
@@ -420,175 +409,3 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------------------
-# Loading: YAML -> nested dicts -> dataclasses, with every key and type checked.
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, key)
-            except ValueError as err:
-                errors.append(str(err))
-        _fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            _fail(key, f"must be one of {list(args)}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            _fail(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _from_dict(tp, value, key)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            _fail(key, f"expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            _fail(key, f"expected a mapping, got {value!r}")
-        return {_coerce(k, args[0], f"{key} (key)"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            _fail(key, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(key, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            _fail(key, f"expected a string, got {value!r}")
-        return value
-    raise TypeError(f"config key '{key}': unsupported annotation {tp}")  # a bug in this module
-
-
-def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        where = f"'{prefix}.{unknown[0]}'" if prefix else f"'{unknown[0]}'"
-        raise ValueError(f"unknown config key {where}; valid keys{' under ' + repr(prefix) if prefix else ''}: "
-                         f"{', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # a required field is missing
-        raise ValueError(f"config section '{prefix or cls.__name__}': {err}") from None
-
-
-def _merge(base: dict, update: dict) -> dict:
-    """Recursive dict merge; lists and scalars in ``update`` replace those in ``base``."""
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        return path
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not shipped.exists():
-        raise FileNotFoundError(f"no config named '{name_or_path}'; shipped configs: {', '.join(list_configs())} "
-                                f"(or pass a path to a .yaml file)")
-    return shipped
-
-
-def list_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def _read_yaml_tree(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = resolve_config_path(name_or_path).resolve()
-    if path in seen:
-        raise ValueError(f"config {path} inherits from itself through _base_")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path} must hold a mapping at the top level")
-    base = data.pop("_base_", None)
-    if base is None:
-        return data
-    base_path = base if (path.parent / str(base)).suffix not in (".yaml", ".yml") else path.parent / str(base)
-    return _merge(_read_yaml_tree(base_path, seen + (path,)), data)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``model.moe.num_experts=4`` -> (["model", "moe", "num_experts"], 4); values are YAML."""
-    if "=" not in text:
-        raise ValueError(f"override '{text}' must look like dotted.key=value")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ValueError(f"override '{text}': empty component in the dotted key")
-    return parts, yaml.safe_load(raw)
-
-
-def _apply_override(tree: dict, parts: list[str], value: Any, text: str) -> None:
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node.get(part), list) and parts[i + 1:]:
-            # groups are addressed by name: data.groups.rgb.batch_size_per_gpu=64
-            items = node[part]
-            match = [g for g in items if isinstance(g, dict) and g.get("name") == parts[i + 1]]
-            if not match:
-                raise ValueError(f"override '{text}': no entry named '{parts[i + 1]}' in '{part}' "
-                                 f"(names: {[g.get('name') for g in items if isinstance(g, dict)]})")
-            _apply_override(match[0], parts[i + 2:], value, text)
-            return
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override '{text}': '{part}' is not a section")
-    node[parts[-1]] = value
-
-
-def config_from_dict(tree: dict) -> RunConfig:
-    """Build and validate a :class:`RunConfig`; registers sensors declared under ``sensors:``."""
-    for name, spec in (tree.get("sensors") or {}).items():
-        register_sensor(SensorSpec.from_dict(name, spec), replace=True)
-    return _from_dict(RunConfig, tree)
-
-
-def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Load a shipped config by name (``msgfm_swinb_192``) or a YAML path, then apply dotted overrides."""
-    tree = _read_yaml_tree(name_or_path)
-    for text in overrides:
-        parts, value = parse_override(text)
-        _apply_override(tree, parts, value, text)
-    return config_from_dict(tree)
-
-
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML that :func:`load_config` reads back to an equal config."""
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

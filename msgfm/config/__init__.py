@@ -1,0 +1,19 @@
+"""Typed run configuration, loaded from YAML: ``load_config(name_or_path, overrides=())``.
+
+:mod:`msgfm.config.schema` holds one small dataclass per component, each validating
+itself; :mod:`msgfm.config.loader` reads YAML (with ``_base_`` inheritance and dotted
+overrides) into them. Everything is re-exported here.
+"""
+from msgfm.config.loader import (CONFIG_DIR, _apply_override, _from_dict, _merge, _read_yaml_tree, config_from_dict,
+                                 list_configs, load_config, parse_override, resolve_config_path, save_config)
+from msgfm.config.schema import (NUM_PATCH_MERGES, AugmentConfig, DataConfig, DataGroupConfig, KernelsConfig,
+                                 MaskingConfig, ModelConfig, MoEConfig, OptimizerConfig, PretrainConfig, RunConfig,
+                                 ScheduleConfig, TrackingConfig, TrainConfig)
+from msgfm.sensors import SensorSpec, register_sensor
+
+__all__ = [
+    "CONFIG_DIR", "NUM_PATCH_MERGES", "AugmentConfig", "DataConfig", "DataGroupConfig", "KernelsConfig",
+    "MaskingConfig", "ModelConfig", "MoEConfig", "OptimizerConfig", "PretrainConfig", "RunConfig", "ScheduleConfig",
+    "SensorSpec", "TrackingConfig", "TrainConfig", "config_from_dict", "list_configs", "load_config",
+    "parse_override", "register_sensor", "resolve_config_path", "save_config",
+]
