@@ -1,0 +1,111 @@
+"""``msgfm convert sen12mscr``: SEN12MS-CR cloud-removal triplets to shards.
+
+Input layout (Ebel et al. 2020, one folder per ROI, season and modality, as the archives unpack)::
+
+    ROIs1158_spring_s1/s1_1/ROIs1158_spring_s1_1_p30.tif                 2 bands float32 (VV, VH dB)
+    ROIs1158_spring_s2/s2_1/ROIs1158_spring_s2_1_p30.tif                 13 bands uint16, cloud-free
+    ROIs1158_spring_s2_cloudy/s2_cloudy_1/ROIs1158_spring_s2_cloudy_1_p30.tif   13 bands uint16, cloudy
+
+Output: sensors ``sar`` and ``s2`` (the *cloudy* image: the model's input; 12 bands, B10
+dropped by name, as the pretrained ``s2`` embedding expects; ``--s2-sensor s2_l1c`` keeps 13)
+and ``labels/s2_cloud_free`` (the target, same bands, uint16, attrs ``bands`` and
+``scale`` = 1e-4 to reflectance). All three must share one grid (CRS, transform, size).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import re
+from pathlib import Path
+
+import numpy as np
+import rasterio
+
+from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args
+from msgfm.data.format import LabelSpec, SensorArraySpec
+from msgfm.sensors import get_sensor
+
+S2_SCALE = 1e-4
+SOURCE_S2_SENSOR = "s2_l1c"  # the files hold all 13 L1C bands
+TARGET_LABEL = "s2_cloud_free"
+_S1 = re.compile(r"(?P<roi>ROIs\d+_[a-z]+)_s1_(?P<scene>\d+)_p(?P<patch>\d+)\.tif")
+
+
+def find_triplets(root: Path) -> tuple[list[tuple[Path, Path, Path]], list[tuple[str, str]]]:
+    """(S1, cloud-free S2, cloudy S2) files under ``root``, and S1 patches lacking a partner."""
+    triplets, skipped = [], []
+    for s1 in sorted(root.glob("**/*_s1/s1_*/*_s1_*_p*.tif")):
+        match = _S1.fullmatch(s1.name)
+        if not match:
+            skipped.append((str(s1), "file name does not follow ROIsNNNN_season_s1_SCENE_pPATCH.tif"))
+            continue
+        roi, scene, patch = match["roi"], match["scene"], match["patch"]
+        base = s1.parent.parent.parent
+        clear = base / f"{roi}_s2" / f"s2_{scene}" / f"{roi}_s2_{scene}_p{patch}.tif"
+        cloudy = base / f"{roi}_s2_cloudy" / f"s2_cloudy_{scene}" / f"{roi}_s2_cloudy_{scene}_p{patch}.tif"
+        missing = [p.relative_to(root).as_posix() for p in (clear, cloudy) if not p.is_file()]
+        if missing:
+            skipped.append((str(s1), f"no partner: expected {', '.join(missing)}"))
+        else:
+            triplets.append((s1, clear, cloudy))
+    return triplets, skipped
+
+
+def load_triplet(triplet: tuple[Path, Path, Path], *, size: int, s2_sensor: str) -> LoadResult:
+    s1_path, clear_path, cloudy_path = triplet
+    source_bands = get_sensor(SOURCE_S2_SENSOR).bands
+    band_index = [source_bands.index(b) + 1 for b in get_sensor(s2_sensor).bands]  # rasterio counts from 1
+    with rasterio.open(s1_path) as s1, rasterio.open(clear_path) as clear, rasterio.open(cloudy_path) as cloudy:
+        if s1.count != 2 or clear.count != len(source_bands) or cloudy.count != len(source_bands):
+            raise SkipItem(f"expected 2 S1 bands and {len(source_bands)} S2 bands, got {s1.count}, {clear.count}, "
+                           f"{cloudy.count}")
+        for src in (s1, clear, cloudy):
+            if src.shape != (size, size):
+                raise SkipItem(f"{Path(src.name).name} is {src.shape}, expected {size}x{size} (--size)")
+            if src.crs != s1.crs or not src.transform.almost_equals(s1.transform):
+                raise SkipItem(f"{Path(src.name).name} is not on the S1 patch's grid (CRS or transform differ)")
+        sar_CHW = s1.read().astype(np.float32)
+        clear_CHW = clear.read(band_index).astype(np.uint16)
+        cloudy_CHW = cloudy.read(band_index).astype(np.uint16)
+    match = _S1.fullmatch(s1_path.name)
+    sample_id = f"{match['roi']}_{match['scene']}_p{match['patch']}"
+    return LoadResult(samples=[Sample(sample_id=sample_id, images={"sar": sar_CHW, s2_sensor: cloudy_CHW},
+                                      labels={TARGET_LABEL: clear_CHW})])
+
+
+def convert(args: argparse.Namespace) -> int:
+    if not args.root.is_dir():
+        raise FileNotFoundError(f"{args.root} is not a folder (expected ROIs*_s1/, ROIs*_s2/, ROIs*_s2_cloudy/)")
+    triplets, skipped = find_triplets(args.root)
+    if not triplets:
+        raise FileNotFoundError(f"no SEN12MS-CR triplet under {args.root}: expected ROIs*_s1/s1_N/*_s1_N_pP.tif "
+                                f"with matching ROIs*_s2/ and ROIs*_s2_cloudy/ files")
+    size = args.size
+    if size is None:
+        with rasterio.open(triplets[0][0]) as first:
+            size = first.height
+    sensor = get_sensor(args.s2_sensor)
+    sensors = {"sar": SensorArraySpec(dtype="float32", channels=2, height=size, width=size),
+               args.s2_sensor: SensorArraySpec(dtype="uint16", channels=sensor.num_channels, height=size,
+                                               width=size, scale=S2_SCALE)}
+    target = LabelSpec(name=TARGET_LABEL, shape=(sensor.num_channels, size, size), dtype="uint16",
+                       attrs={"bands": list(sensor.bands), "sensor": args.s2_sensor, "scale": S2_SCALE,
+                              "description": "cloud-free Sentinel-2 L1C target, reflectance x 1e4"})
+    run_from_args(args, items=triplets, load=functools.partial(load_triplet, size=size, s2_sensor=args.s2_sensor),
+                  group="sen12mscr", sensors=sensors, labels=[target], skipped_before=skipped,
+                  source=f"SEN12MS-CR: {args.root}", description="sen12mscr")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sen12mscr", help="SEN12MS-CR (S1, cloudy S2, cloud-free S2) -> cloud-removal shards",
+        description="Matches ROIs*_s1/s1_N/*_pP.tif with ROIs*_s2/s2_N/ and ROIs*_s2_cloudy/s2_cloudy_N/; writes "
+                    "sar + cloudy s2 as inputs and labels/s2_cloud_free as the target.")
+    parser.add_argument("root", type=Path, help="folder holding the ROIs*_s1, ROIs*_s2 and ROIs*_s2_cloudy folders")
+    parser.add_argument("--s2-sensor", choices=["s2", "s2_l1c"], default="s2",
+                        help="s2: 12 bands without B10 (default, matches the pretrained s2 embedding); "
+                             "s2_l1c: all 13 L1C bands")
+    parser.add_argument("--size", type=int, default=None, help="patch size (default: the first patch's, 256)")
+    add_common_args(parser, prefix="sen12mscr")
+    parser.set_defaults(func=convert)
