@@ -6,7 +6,7 @@ overrides) into them. Everything is re-exported here.
 """
 from msgfm.config.loader import (CONFIG_DIR, _apply_override, _from_dict, _merge, _read_yaml_tree, config_from_dict,
                                  list_configs, load_config, parse_override, resolve_config_path, save_config)
-from msgfm.config.schema import (NUM_PATCH_MERGES, AugmentConfig, DataConfig, DataGroupConfig, KernelsConfig,
+from msgfm.config.schema import (NUM_PATCH_MERGES, _check_sensor, _fail, AugmentConfig, DataConfig, DataGroupConfig, KernelsConfig,
                                  MaskingConfig, ModelConfig, MoEConfig, OptimizerConfig, PretrainConfig, RunConfig,
                                  ScheduleConfig, TrackingConfig, TrainConfig)
 from msgfm.sensors import SensorSpec, register_sensor
