@@ -76,3 +76,14 @@ def test_nothing_readable_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no sample could be converted"):
         convert(["imagefolder", str(root), "-o", str(tmp_path / "out"), "--workers", "1"])
     assert not list((tmp_path / "out").glob("*.h5"))
+
+
+def test_msgfm_cli_runs_converters_and_reports_user_errors(images, tmp_path: Path, capsys) -> None:
+    from msgfm.cli import main
+
+    root, _ = images
+    assert main(["convert", "imagefolder", str(root), "--size", "32", "-o", str(tmp_path / "out"),
+                 "--workers", "1"]) == 0
+    assert read_shard_info(tmp_path / "out" / "images-00000.h5").num_samples == 4
+    assert main(["convert", "imagefolder", str(tmp_path / "missing"), "-o", str(tmp_path / "out")]) == 2
+    assert "missing is not a folder of images" in capsys.readouterr().err

@@ -171,7 +171,11 @@ class ShardWriter:
         self._tmp_path = _partial_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file: h5py.File | None = h5py.File(self._tmp_path, "w")
-        self._write_layout(compression, source, created_by)
+        try:
+            self._write_layout(compression, source, created_by)
+        except BaseException:
+            self.abort()
+            raise
 
     def _write_layout(self, compression: str | None, source: str, created_by: str) -> None:
         f = self._file

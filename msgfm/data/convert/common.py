@@ -105,7 +105,9 @@ def run_conversion(*, items: Sequence[Any], load: Callable[[Any], LoadResult], o
     if samples_per_shard < 1:
         raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     if not items:
-        raise ValueError(f"nothing to convert: no input found for {description}")
+        reasons = "; ".join(f"{item}: {reason}" for item, reason in list(skipped_before)[:3])
+        raise ValueError(f"nothing to convert for {description}"
+                         + (f": {len(skipped_before)} inputs left out, e.g. {reasons}" if reasons else ""))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
@@ -147,16 +149,15 @@ def run_conversion(*, items: Sequence[Any], load: Callable[[Any], LoadResult], o
             writer.abort()
         if pool is not None:
             pool.terminate()
-    _remove_stale_shards(output_dir, prefix, keep=len(shards))
     report_path = output_dir / f"{prefix}.skipped.json"
     report = {"group": group, "source": source, "samples_written": num_samples,
               "shards": [p.name for p in shards],
               "skipped": [{"item": item, "reason": reason} for item, reason in skipped]}
     report_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    result = ConversionReport(shards=shards, num_samples=num_samples, skipped=skipped, report_path=report_path)
-    if num_samples == 0:
+    if num_samples == 0:  # leave the shards of an earlier run as they are
         raise ValueError(f"no sample could be converted ({len(skipped)} skipped); see {report_path}")
-    return result
+    _remove_stale_shards(output_dir, prefix, keep=len(shards))
+    return ConversionReport(shards=shards, num_samples=num_samples, skipped=skipped, report_path=report_path)
 
 
 class _LoadCall:
