@@ -12,7 +12,6 @@ import argparse
 import functools
 from pathlib import Path
 
-import numpy as np
 import rasterio
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window

@@ -17,7 +17,6 @@ import functools
 import re
 from pathlib import Path
 
-import numpy as np
 import rasterio
 from rasterio.warp import transform as warp_transform
 
