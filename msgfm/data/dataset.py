@@ -17,6 +17,7 @@ Legend: B batch, C channels, S output side (model.img_size), N samples in a shar
 """
 from __future__ import annotations
 
+import bisect
 import os
 import random
 from pathlib import Path
@@ -71,6 +72,7 @@ class GroupDataset(Dataset):
         self.stats = stats
         counts = [info.num_samples for info in infos]
         self._starts = np.cumsum([0] + counts)
+        self._start_list = self._starts.tolist()  # bisect on a list: cheaper than numpy per sample
         self._has_ids = [info.has_ids for info in infos]
         self.normalizers = [{s: _normalizer(info, s, stats) for s in self.sensors} for info in infos]
         self.replacement_pool = np.asarray(replacement_pool if replacement_pool is not None
@@ -123,8 +125,8 @@ class GroupDataset(Dataset):
         """Global sample index -> (shard number, index inside the shard)."""
         if not 0 <= index < len(self):
             raise IndexError(f"group '{self.name}': sample {index} out of range [0, {len(self)})")
-        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return shard, index - int(self._starts[shard])
+        shard = bisect.bisect_right(self._start_list, index) - 1
+        return shard, index - self._start_list[shard]
 
     def read_raw(self, index: int) -> tuple[dict[str, np.ndarray], str]:
         """The stored arrays (sensor -> [C,H,W] native dtype) and id of one sample."""

@@ -154,15 +154,32 @@ def apply_box(raw_CHW: np.ndarray, normalizer: SensorNormalizer, box: CropBox,
     """Crop, normalize, resize and flip one sensor's raw sample.
 
     Returns the float32 image [C,S,S] and its bool validity mask [C,S,S]; a pixel whose
-    resize mixes in an invalid source pixel is invalid too.
+    resize mixes in an invalid source pixel is invalid too. uint8 data without nodata is
+    resized as uint8 before normalizing, as PIL does in the paper's SimMIM pipeline (and
+    about 5x faster than the float path: torch has a vectorized uint8 kernel).
     """
     top, left, h, w = box.pixels(raw_CHW.shape[-2], raw_CHW.shape[-1])
-    x_Chw, valid_Chw = normalizer(raw_CHW[:, top:top + h, left:left + w])
+    crop_Chw = raw_CHW[:, top:top + h, left:left + w]
+    if raw_CHW.dtype == np.uint8 and normalizer.nodata is None:
+        x_CSS = _resize_uint8(torch.from_numpy(np.ascontiguousarray(crop_Chw)), size)
+        x_CSS = x_CSS.to(torch.float32).mul_(normalizer.gain_C11).add_(normalizer.bias_C11)
+        return _flip(x_CSS, box), torch.ones(x_CSS.shape, dtype=torch.bool)
+    x_Chw, valid_Chw = normalizer(crop_Chw)
     x_CSS = _flip(_resize(x_Chw, size), box)
     if valid_Chw is None:
         return x_CSS, torch.ones(x_CSS.shape, dtype=torch.bool)
     valid_CSS = _resize(valid_Chw.to(torch.float32), size) >= _VALID_MASK_THRESHOLD
     return x_CSS, _flip(valid_CSS, box)
+
+
+def _resize_uint8(x_Chw: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear (antialiased when shrinking) resize of uint8 data, rounded back to uint8."""
+    if x_Chw.shape[-2:] == (size, size):
+        return x_Chw
+    # uint8 with antialias=True takes torch's SIMD kernel (for enlarging it is plain bilinear);
+    # measured faster in the stored [C,h,w] layout than with channels-last round trips
+    out = F.interpolate(x_Chw[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out[0]
 
 
 @dataclass(frozen=True)
