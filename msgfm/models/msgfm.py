@@ -18,8 +18,8 @@ when ``valid`` is not given). Then
 
 so each target's L1 is the mean over its masked (and valid) pixels and its channels, as in
 SimMIM. The target of every row is drawn on the host (a tiny CPU tensor), so routing costs
-no device sync. A target decoder of the group runs even on zero rows, so all its parameters
-receive a (zero) gradient on every rank.
+no device sync. A decoder of the group that no row targets in a batch adds a zero term, so
+all its parameters still receive a (zero) gradient on every rank.
 
 Legend: B batch, C channels, H/W image size, h/w = H/p, W/p patch grid, D embed width,
 F = num_features (final width), S sensors of the group.
@@ -134,10 +134,10 @@ class MsGFM(nn.Module):
             masks = self.mask_generator.for_sensors(sensors, B, device=device)
 
         tokens_BhwD = torch.cat([self.embed(batch[s], s, masks[s]) for s in sensors])  # [S*B, h, w, D]
-        features_BFhw = self.encoder(tokens_BhwD).permute(0, 3, 1, 2)
+        features_BhwF = self.encoder(tokens_BhwD)
         aux_loss = self.encoder.aux_loss()
         if aux_loss is None:
-            aux_loss = features_BFhw.new_zeros(())
+            aux_loss = features_BhwF.new_zeros(())
         masks_Bhw = torch.cat([masks[s] for s in sensors])  # row r = source_index * B + sample
 
         target_index = self._choose_targets(len(sensors), B)  # [S, B] host tensor, index into sensors
@@ -150,24 +150,28 @@ class MsGFM(nn.Module):
         row_num, row_den, row_cross = [], [], []
         for t_idx, target in enumerate(sensors):
             source_idx, sample_idx = torch.nonzero(target_index == t_idx, as_tuple=True)  # host, no sync
+            count = len(sample_idx)
+            out[f"count/{target}"] = count
+            if not count:
+                # No row decodes into this target here; a zero term still gives D_target's parameters a
+                # (zero) gradient on every rank. (The decoder itself cannot run on 0 rows: PixelShuffle's
+                # backward rejects empty batches.)
+                unused.append(sum(p.sum() for p in self.decoders[target].parameters()) * 0.0)
+                continue
             rows = (source_idx * B + sample_idx).to(device, non_blocking=True)
             samples = sample_idx.to(device, non_blocking=True)
-            pred_nCHW = self.decoders[target](features_BFhw.index_select(0, rows))
+            pred_nCHW = self.decoders[target](features_BhwF.index_select(0, rows))
             target_nCHW = batch[target].index_select(0, samples)
             weight_nCHW = upsample_mask(masks_Bhw.index_select(0, rows), self.patch_size)
             if valid is not None and target in valid:
                 weight_nCHW = weight_nCHW & valid[target].index_select(0, samples)
-            weight_nCHW = weight_nCHW.to(pred_nCHW.dtype).expand_as(pred_nCHW)
-            num_n = ((pred_nCHW - target_nCHW).abs() * weight_nCHW).flatten(1).sum(1)
+            # fp32 sums: a 16-bit sum over millions of pixels overflows (fp16) or loses digits (bf16).
+            weight_nCHW = weight_nCHW.float().expand_as(pred_nCHW)
+            num_n = ((pred_nCHW.float() - target_nCHW.float()).abs() * weight_nCHW).flatten(1).sum(1)
             den_n = weight_nCHW.flatten(1).sum(1)
-            count = len(sample_idx)
-            out[f"count/{target}"] = count
-            if count:
-                loss_t = num_n.sum() / den_n.sum().clamp(min=1.0)
-                target_losses.append(loss_t)
-                out[f"recon/{target}"] = loss_t.detach()
-            else:  # keeps D_target in the graph: its parameters get zero gradients on every rank
-                unused.append(num_n.sum() * 0.0)
+            loss_t = num_n.sum() / den_n.sum().clamp(min=1.0)
+            target_losses.append(loss_t)
+            out[f"recon/{target}"] = loss_t.detach()
             row_num.append(num_n.detach())
             row_den.append(den_n.detach())
             row_cross.append(source_idx != t_idx)
