@@ -35,17 +35,28 @@ DEV = [
 
 
 def _ext_modules():
+    """Ahead-of-time build of the fused CUDA kernels (MSGFM_BUILD_KERNELS=1): the same module name,
+    sources and flags as the JIT build, all taken from msgfm/ops/kernel_build.py."""
     if os.environ.get("MSGFM_BUILD_KERNELS", "0") != "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    import importlib.util
 
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = [os.path.join("kernels", name) for name in sorted(os.listdir(os.path.join(here, "kernels")))
-               if name.endswith((".cpp", ".cu"))]
+    # Loaded by path: importing the msgfm package here would need its dependencies at build time.
+    spec = importlib.util.spec_from_file_location("_msgfm_kernel_build",
+                                                  os.path.join(here, "msgfm", "ops", "kernel_build.py"))
+    kernel_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_build)
+    if kernel_build.export_cuda_home() is None:  # before cpp_extension is imported: it reads CUDA_HOME once
+        raise RuntimeError("MSGFM_BUILD_KERNELS=1 but no CUDA toolkit was found: set CUDA_HOME to a folder "
+                           "with bin/nvcc, or unset MSGFM_BUILD_KERNELS to compile on first use")
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
     ext = CUDAExtension(
-        name="msgfm_kernels",
-        sources=sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        name=kernel_build.EXTENSION_NAME,
+        sources=[os.path.relpath(path, here) for path in kernel_build.kernel_sources()],
+        include_dirs=[str(kernel_build.KERNEL_DIR)],
+        extra_compile_args={"cxx": kernel_build.cxx_flags(), "nvcc": kernel_build.NVCC_FLAGS},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -5,6 +5,13 @@
 
 #include "msgfm_kernels.h"
 
+// Hash of kernels/ at build time (msgfm/ops/kernel_build.py), to detect a stale ahead-of-time build.
+#ifndef MSGFM_SOURCE_DIGEST
+#define MSGFM_SOURCE_DIGEST unknown
+#endif
+#define MSGFM_STRINGIFY_(x) #x
+#define MSGFM_STRINGIFY(x) MSGFM_STRINGIFY_(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "msgfm fused Swin window attention and window process (CUDA)";
   m.def("window_attention_forward", &msgfm::window_attention_forward,
@@ -20,4 +27,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_merge", &msgfm::window_merge, "[B * nW, N, C] -> roll(+shift) -> [B, H, W, C]", py::arg("windows"),
         py::arg("window_size"), py::arg("shift_size"), py::arg("height"), py::arg("width"));
   m.attr("max_tokens") = msgfm::kMaxTokens;
+  m.attr("source_digest") = MSGFM_STRINGIFY(MSGFM_SOURCE_DIGEST);
 }

@@ -74,7 +74,7 @@ void launch_window_copy(const at::Tensor& src, at::Tensor& dst, int64_t height, 
   if (g.total_units == 0) return;
   constexpr int kThreads = 256;
   // Grid-stride loop: enough blocks to fill the GPU, capped so the grid stays valid.
-  const int64_t blocks = std::min<int64_t>((g.total_units + kThreads - 1) / kThreads, int64_t{1} << 20);
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((g.total_units + kThreads - 1) / kThreads, 1 << 20));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const void* s = src.data_ptr();
   void* d = dst.data_ptr();

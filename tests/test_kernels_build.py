@@ -41,15 +41,16 @@ def test_extension_compiles_with_nvcc():
     if cuda_home is None or torch.version.cuda is None:
         pytest.skip("no CUDA toolkit (nvcc) or a CPU-only torch: nothing to compile with")
     arch = os.environ.get("MSGFM_TEST_CUDA_ARCH", "8.0")
-    build_dir = REPO_ROOT / ".cache" / f"nvcc_test_sm{arch.replace('.', '')}"
+    sm = "sm_" + arch.replace(".", "")
+    build_dir = REPO_ROOT / ".cache" / f"nvcc_test_{sm}"
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     env.setdefault("CUDA_HOME", cuda_home)
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(build_dir)], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=3000)
     elapsed = time.perf_counter() - started
-    print(f"nvcc build for sm_{arch} took {elapsed:.0f} s (build dir {build_dir})")
-    assert result.returncode == 0, f"the CUDA extension does not compile for sm_{arch}:\n" \
+    print(f"nvcc build for {sm} took {elapsed:.0f} s (build dir {build_dir})")
+    assert result.returncode == 0, f"the CUDA extension does not compile for {sm}:\n" \
                                    f"{result.stdout[-6000:]}\n{result.stderr[-12000:]}"
     exports = result.stdout.split("EXPORTS", 1)[1].split()
     assert set(exports[0].split(",")) >= {"window_attention_forward", "window_attention_backward",

@@ -58,7 +58,7 @@ def build(*, build_directory: str | None = None, verbose: bool = False) -> Modul
         return cpp_extension.load(
             name=kernel_build.EXTENSION_NAME,
             sources=[str(path) for path in sources],
-            extra_cflags=kernel_build.CXX_FLAGS,
+            extra_cflags=kernel_build.cxx_flags(),
             extra_cuda_cflags=kernel_build.NVCC_FLAGS,
             extra_include_paths=[str(kernel_build.KERNEL_DIR)],
             build_directory=build_directory,
@@ -69,6 +69,23 @@ def build(*, build_directory: str | None = None, verbose: bool = False) -> Modul
                                f"{type(err).__name__}: {err}") from err
 
 
+def _ahead_of_time_build() -> ModuleType | None:
+    """The module of ``MSGFM_BUILD_KERNELS=1 pip install``, unless it is missing or older than kernels/."""
+    try:
+        module = importlib.import_module(kernel_build.EXTENSION_NAME)
+    except ImportError as err:
+        log.info("msgfm kernels: no ahead-of-time build (%s); compiling with ninja (first use only)", err)
+        return None
+    expected = kernel_build.source_digest() if kernel_build.kernel_sources() else None
+    if expected is not None and getattr(module, "source_digest", None) != expected:
+        log.warning("msgfm kernels: the ahead-of-time build %s predates the sources in %s; compiling them with "
+                    "ninja instead (rerun MSGFM_BUILD_KERNELS=1 pip install to refresh it)",
+                    getattr(module, "__file__", "?"), kernel_build.KERNEL_DIR)
+        return None
+    log.info("msgfm kernels: using the ahead-of-time build %s", getattr(module, "__file__", "?"))
+    return module
+
+
 def load_extension() -> ModuleType:
     """The extension module: the AOT build if it imports, else the JIT build. Tried once per process."""
     with _lock:
@@ -77,11 +94,8 @@ def load_extension() -> ModuleType:
         if "error" in _loaded:
             raise _loaded["error"]  # type: ignore[misc]
         try:
-            try:
-                module = importlib.import_module(kernel_build.EXTENSION_NAME)
-                log.info("msgfm kernels: using the ahead-of-time build %s", getattr(module, "__file__", "?"))
-            except ImportError as err:
-                log.info("msgfm kernels: no ahead-of-time build (%s); compiling with ninja (first use only)", err)
+            module = _ahead_of_time_build()
+            if module is None:
                 module = build()
         except KernelBuildError as err:
             _loaded["error"] = err

@@ -8,6 +8,7 @@ at import time).
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -25,6 +26,20 @@ NVCC_FLAGS = ["-O3", "-lineinfo"]
 def kernel_sources(kernel_dir: Path = KERNEL_DIR) -> list[Path]:
     """The .cpp and .cu files of the extension (headers are picked up through #include)."""
     return sorted(p for p in kernel_dir.glob("*") if p.suffix in (".cpp", ".cu"))
+
+
+def source_digest(kernel_dir: Path = KERNEL_DIR) -> str:
+    """A short hash of every file in kernels/; compiled into the module (``source_digest``) so a
+    stale ahead-of-time build is noticed after the sources change."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in kernel_dir.glob("*") if p.suffix in (".cpp", ".cu", ".cuh", ".h")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return "d" + digest.hexdigest()[:16]  # starts with a letter: it is passed as a -D identifier
+
+
+def cxx_flags() -> list[str]:
+    """Host compiler flags, with the source digest the bindings expose."""
+    return CXX_FLAGS + [f"-DMSGFM_SOURCE_DIGEST={source_digest()}"]
 
 
 def find_cuda_home() -> str | None:
