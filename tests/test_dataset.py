@@ -230,3 +230,32 @@ def test_resume_mid_epoch_reproduces_images_exactly(root):
     resumed.train.load_state_dict(data.train.state_dict())
     seen += [_flatten(step) for _ in range(2) for step in resumed.train]  # rest of epoch 0, then epoch 1
     assert _same(seen, full)
+
+
+@pytest.mark.realdata
+def test_real_landsat_tiles_with_nodata_normalize_to_zero_mean_unit_std(realdata, tmp_path):
+    """Real Landsat RGB (nodata 255 outside the scene) tiled to 64 px: over the valid pixels of
+    all tiles the normalized bands have mean 0 and std 1, and nodata is masked and zeroed."""
+    import rasterio
+
+    with rasterio.open(realdata / "landsat_rmnp_rgb_dem" / "rmnp-rgb.tif") as src:
+        scene, nodata = src.read(), src.nodata
+    tiles = np.stack([scene[:, y:y + 64, x:x + 64] for y in range(0, scene.shape[1] - 63, 64)
+                      for x in range(0, scene.shape[2] - 63, 64)])
+    assert (tiles == nodata).any()
+    shard = write_shard(tmp_path / "landsat" / "l0.h5", "rgb", {"rgb": tiles}, nodata={"rgb": nodata})
+    stats = load_stats(write_stats([shard], progress=False))
+    ds = GroupDataset([shard], ["rgb"], stats, SampleTransform(img_size=64, train=False), name="landsat")
+    samples = [ds[i] for i in range(len(ds))]
+    images = torch.stack([s["images"]["rgb"] for s in samples])
+    valid = torch.stack([s["valid"]["rgb"] for s in samples])
+    assert torch.equal(valid, torch.from_numpy(tiles != nodata))
+    assert (images[~valid] == 0).all()
+    for band in range(3):
+        values = images[:, band][valid[:, band]].double()
+        assert abs(values.mean().item()) < 1e-4 and abs(values.std(unbiased=False).item() - 1) < 1e-4
+    train = GroupDataset([shard], ["rgb"], stats, SampleTransform(img_size=96, train=True), name="landsat")
+    for i in range(len(train)):
+        sample = train[(i, i)]
+        assert (sample["images"]["rgb"][~sample["valid"]["rgb"]] == 0).all()
+        assert torch.isfinite(sample["images"]["rgb"]).all()

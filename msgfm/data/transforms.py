@@ -154,7 +154,7 @@ def apply_box(raw_CHW: np.ndarray, normalizer: SensorNormalizer, box: CropBox,
     """Crop, normalize, resize and flip one sensor's raw sample.
 
     Returns the float32 image [C,S,S] and its bool validity mask [C,S,S]; a pixel whose
-    resize mixes in an invalid source pixel is invalid too. uint8 data without nodata is
+    resize mixes in an invalid source pixel is invalid too; every invalid pixel is 0. uint8 data without nodata is
     resized as uint8 before normalizing, as PIL does in the paper's SimMIM pipeline (and
     about 5x faster than the float path: torch has a vectorized uint8 kernel).
     """
@@ -168,8 +168,9 @@ def apply_box(raw_CHW: np.ndarray, normalizer: SensorNormalizer, box: CropBox,
     x_CSS = _flip(_resize(x_Chw, size), box)
     if valid_Chw is None:
         return x_CSS, torch.ones(x_CSS.shape, dtype=torch.bool)
-    valid_CSS = _resize(valid_Chw.to(torch.float32), size) >= _VALID_MASK_THRESHOLD
-    return x_CSS, _flip(valid_CSS, box)
+    valid_CSS = _flip(_resize(valid_Chw.to(torch.float32), size) >= _VALID_MASK_THRESHOLD, box)
+    # pixels that mixed in an invalid source pixel are invalid too, and zeroed like nodata itself
+    return x_CSS.masked_fill_(~valid_CSS, 0.0), valid_CSS
 
 
 def _resize_uint8(x_Chw: torch.Tensor, size: int) -> torch.Tensor:
