@@ -2,7 +2,7 @@
 start-up errors, worker processes, ranks and exact resume end to end."""
 from __future__ import annotations
 
-import random
+import os
 from pathlib import Path
 
 import h5py
@@ -198,11 +198,14 @@ def _same(a, b) -> bool:
 def test_worker_processes_give_the_same_batches_and_open_files_lazily(root):
     in_process = [_flatten(step) for step in _pipeline(root, workers=0).train]
     data = _pipeline(root, workers=1)
+    rgb_ds, pair_ds = (loader.dataset for loader in data.train.loaders)
+    rgb_ds.read_raw(0)  # the parent holds an open handle when the rgb worker forks: it must not use it
+    assert rgb_ds._files and rgb_ds._pid == os.getpid()
     with_workers = [_flatten(step) for step in data.train]
     assert len(with_workers) == len(in_process) == 6  # rgb: 18 train samples // 3
     assert _same(in_process, with_workers)
-    for loader in data.train.loaders:  # the main process never opened a shard: the workers did
-        assert loader.dataset._files == {}
+    assert pair_ds._files == {}  # the main process never opened these shards: the worker did
+    assert len([_flatten(step) for step in data.train]) == 6 and data.train.epoch == 2  # persistent workers
     val = [b for b in data.val["sen12ms"]]
     assert len(val) == 1 and len(val[0]["ids"]) == 2 and "corrupt" not in val[0]
     assert data.stats["sen12ms"]["sensors"]["s2"]["bands"][0] == "B01" and data.stats["rgb"]["files"]

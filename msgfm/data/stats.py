@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 STATS_VERSION = 1
 DEFAULT_STATS_NAME = "stats.json"
 # Upper bound of one float64 working block; sized so a block of 12-band S2 samples stays small.
-_BLOCK_BYTES = 64 * 2**20
+_BLOCK_BYTES = 16 * 2**20
 
 
 class MissingStatsError(FileNotFoundError, ValueError):
