@@ -175,7 +175,7 @@ def split_train_val(num_samples: int, val_fraction: float, seed: int, group_posi
     if val_fraction <= 0 or num_samples < 2:
         return np.arange(num_samples), np.arange(0)
     num_val = min(num_samples - 1, math.ceil(val_fraction * num_samples))
-    # A separate stream from the training order: (seed, group, -1) is never a group epoch.
+    # A separate stream from the training order: group epoch 2**31 is never reached.
     perm = np.random.default_rng([seed, group_position, 2**31]).permutation(num_samples)
     return np.sort(perm[num_val:]), np.sort(perm[:num_val])
 

@@ -6,7 +6,8 @@ of a pair, so that the pair stays co-registered.
 Order of work for one sensor of one sample (cheapest first):
 crop the raw array (a numpy view) -> validity mask on the crop -> float32 and
 normalize in one multiply-add -> invalid pixels set to 0 (= the band mean) ->
-resize to ``img_size`` with ``torch.nn.functional.interpolate`` -> flips.
+resize to ``img_size`` with ``torch.nn.functional.interpolate`` -> flips. uint8 data
+without nodata is resized before normalizing, in uint8 (see :func:`apply_box`).
 
 Shape legend: C channels, H x W the stored sample, h x w the crop, S the output
 side (``model.img_size``).
