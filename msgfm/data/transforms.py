@@ -6,8 +6,9 @@ of a pair, so that the pair stays co-registered.
 Order of work for one sensor of one sample (cheapest first):
 crop the raw array (a numpy view) -> validity mask on the crop -> float32 and
 normalize in one multiply-add -> invalid pixels set to 0 (= the band mean) ->
-resize to ``img_size`` with ``torch.nn.functional.interpolate`` -> flips. uint8 data
-without nodata is resized before normalizing, in uint8 (see :func:`apply_box`).
+resize to ``img_size`` with ``torch.nn.functional.interpolate``. Flips are views of
+the crop, taken before the copy. uint8 data without nodata is resized before
+normalizing, in uint8 (see :func:`apply_box`).
 
 Shape legend: C channels, H x W the stored sample, h x w the crop, S the output
 side (``model.img_size``).
@@ -31,7 +32,7 @@ _VALID_MASK_THRESHOLD = 1.0 - 1e-4
 @dataclass(frozen=True)
 class CropBox:
     """A crop in fractions of the sample's height and width (so it maps onto sensors
-    stored at different pixel sizes), plus the flips to apply after resizing."""
+    stored at different pixel sizes), plus the flips to apply."""
 
     top: float
     left: float
@@ -124,8 +125,9 @@ class SensorNormalizer:
         if raw_Chw.dtype.kind == "f":
             finite = np.isfinite(raw_Chw)
             valid_Chw = finite if valid_Chw is None else valid_Chw & finite
-        # copy=True: float32 input must not be normalized in place in the caller's buffer
-        x_Chw = torch.from_numpy(raw_Chw).to(torch.float32, copy=True)
+        contiguous = np.ascontiguousarray(raw_Chw)  # copies crops and flipped views
+        # float32 input that was not copied must not be normalized in the caller's buffer
+        x_Chw = torch.from_numpy(contiguous).to(torch.float32, copy=contiguous is raw_Chw)
         x_Chw.mul_(self.gain_C11).add_(self.bias_C11)
         if valid_Chw is None:
             return x_Chw, None
@@ -145,31 +147,32 @@ def _resize(x_Chw: torch.Tensor, size: int) -> torch.Tensor:
                          antialias=downscale)[0]
 
 
-def _flip(x_CSS: torch.Tensor, box: CropBox) -> torch.Tensor:
-    dims = [d for d, on in ((-1, box.hflip), (-2, box.vflip)) if on]
-    return torch.flip(x_CSS, dims) if dims else x_CSS
-
-
 def apply_box(raw_CHW: np.ndarray, normalizer: SensorNormalizer, box: CropBox,
               size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop, normalize, resize and flip one sensor's raw sample.
+    """Crop, flip, normalize and resize one sensor's raw sample.
 
     Returns the float32 image [C,S,S] and its bool validity mask [C,S,S]; a pixel whose
-    resize mixes in an invalid source pixel is invalid too; every invalid pixel is 0. uint8 data without nodata is
-    resized as uint8 before normalizing, as PIL does in the paper's SimMIM pipeline (and
-    about 5x faster than the float path: torch has a vectorized uint8 kernel).
+    resize mixes in an invalid source pixel is invalid too; every invalid pixel is 0.
+    Flips are taken as numpy views of the crop before resizing (bilinear resizing commutes
+    with flips), so they cost nothing: the crop is copied once anyway. uint8 data without
+    nodata is resized as uint8 before normalizing, as PIL does in the paper's SimMIM
+    pipeline (and several times faster than the float path: torch has a SIMD uint8 kernel).
     """
     top, left, h, w = box.pixels(raw_CHW.shape[-2], raw_CHW.shape[-1])
     crop_Chw = raw_CHW[:, top:top + h, left:left + w]
+    if box.hflip:
+        crop_Chw = crop_Chw[:, :, ::-1]
+    if box.vflip:
+        crop_Chw = crop_Chw[:, ::-1, :]
     if raw_CHW.dtype == np.uint8 and normalizer.nodata is None:
         x_CSS = _resize_uint8(torch.from_numpy(np.ascontiguousarray(crop_Chw)), size)
         x_CSS = x_CSS.to(torch.float32).mul_(normalizer.gain_C11).add_(normalizer.bias_C11)
-        return _flip(x_CSS, box), torch.ones(x_CSS.shape, dtype=torch.bool)
+        return x_CSS, torch.ones(x_CSS.shape, dtype=torch.bool)
     x_Chw, valid_Chw = normalizer(crop_Chw)
-    x_CSS = _flip(_resize(x_Chw, size), box)
+    x_CSS = _resize(x_Chw, size)
     if valid_Chw is None:
         return x_CSS, torch.ones(x_CSS.shape, dtype=torch.bool)
-    valid_CSS = _flip(_resize(valid_Chw.to(torch.float32), size) >= _VALID_MASK_THRESHOLD, box)
+    valid_CSS = _resize(valid_Chw.to(torch.float32), size) >= _VALID_MASK_THRESHOLD
     # pixels that mixed in an invalid source pixel are invalid too, and zeroed like nodata itself
     return x_CSS.masked_fill_(~valid_CSS, 0.0), valid_CSS
 
