@@ -115,6 +115,15 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+def scatter_bias_grad(grad_bias_HNN: torch.Tensor, rel_index_NN: torch.Tensor, table_rows: int) -> torch.Tensor:
+    """[H, N, N] bias gradient (summed over windows) -> [T, H] table gradient, in fp32.
+
+    Many (i, j) pairs share a table row: index_add_ sums them (a plain index assignment would keep one)."""
+    H, N = grad_bias_HNN.shape[0], grad_bias_HNN.shape[1]
+    grad_table_TH = torch.zeros(table_rows, H, dtype=torch.float32, device=grad_bias_HNN.device)
+    return grad_table_TH.index_add_(0, rel_index_NN.reshape(-1), grad_bias_HNN.float().permute(1, 2, 0).reshape(N * N, H))
+
+
 class WindowAttentionFunction(torch.autograd.Function):
     """softmax(q k^T * scale + table[rel_index] + mask) v, from qkv [B_, N, 3C] to [B_, N, C]."""
 
@@ -142,10 +151,7 @@ class WindowAttentionFunction(torch.autograd.Function):
             ctx.num_heads, ctx.scale)
         grad_table_TH = None
         if ctx.needs_input_grad[1]:
-            H, N = grad_bias_HNN.shape[0], grad_bias_HNN.shape[1]
-            # Many (i, j) pairs share a table row: index_add_ sums them (fp32), then cast once.
-            grad_table_TH = torch.zeros_like(table_TH).index_add_(
-                0, rel_index_NN.reshape(-1), grad_bias_HNN.permute(1, 2, 0).reshape(N * N, H)).to(ctx.table_dtype)
+            grad_table_TH = scatter_bias_grad(grad_bias_HNN, rel_index_NN, table_TH.shape[0]).to(ctx.table_dtype)
         return grad_qkv_BN3C, grad_table_TH, None, None, None, None
 
 
