@@ -31,13 +31,16 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="msgfm_swinb_192", help="config name or YAML path (default: %(default)s)")
-    parser.add_argument("--group", default="rgb", help="data group whose batch_size_per_gpu is used (default: %(default)s)")
+    parser.add_argument("--group", default="rgb",
+                        help="data group whose batch_size_per_gpu is used (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=None, help="override the batch per GPU")
     parser.add_argument("--shape", action="append", default=[], metavar="B,H,W,C,HEADS,WINDOW[,SHIFT]",
                         help="an extra shape to profile (repeatable), e.g. 128,48,48,128,4,6,3")
     parser.add_argument("--no-stages", action="store_true", help="profile only the --shape shapes")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="activation dtype (default: %(default)s)")
-    parser.add_argument("--iters", type=int, default=100, help="timed runs per measurement, >= 50 (default: %(default)s)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
+                        help="activation dtype (default: %(default)s)")
+    parser.add_argument("--iters", type=int, default=100,
+                        help="timed runs per measurement, >= 50 (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default: %(default)s)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/profile_kernels"), help="default: %(default)s")
     parser.add_argument("--no-trace", action="store_true", help="skip the torch.profiler trace (of the first shape)")

@@ -79,7 +79,8 @@ def parse_shape(text: str) -> ProfileShape:
     except ValueError:
         values = []
     if len(values) not in (6, 7):
-        raise ValueError(f"--shape '{text}': expected B,H,W,C,heads,window[,shift] (integers), e.g. 128,48,48,128,4,6,3")
+        raise ValueError(f"--shape '{text}': expected B,H,W,C,heads,window[,shift] (integers), "
+                         f"e.g. 128,48,48,128,4,6,3")
     batch, height, width, channels, heads, window = values[:6]
     return ProfileShape("custom", batch, height, width, channels, heads, window, values[6] if len(values) == 7 else 0)
 

@@ -121,7 +121,8 @@ def scatter_bias_grad(grad_bias_HNN: torch.Tensor, rel_index_NN: torch.Tensor, t
     Many (i, j) pairs share a table row: index_add_ sums them (a plain index assignment would keep one)."""
     H, N = grad_bias_HNN.shape[0], grad_bias_HNN.shape[1]
     grad_table_TH = torch.zeros(table_rows, H, dtype=torch.float32, device=grad_bias_HNN.device)
-    return grad_table_TH.index_add_(0, rel_index_NN.reshape(-1), grad_bias_HNN.float().permute(1, 2, 0).reshape(N * N, H))
+    pairs_NNxH = grad_bias_HNN.float().permute(1, 2, 0).reshape(N * N, H)
+    return grad_table_TH.index_add_(0, rel_index_NN.reshape(-1), pairs_NNxH)
 
 
 class WindowAttentionFunction(torch.autograd.Function):
