@@ -76,6 +76,17 @@ def test_reader_reads_a_subset_of_the_sensors(root):
     assert torch.equal(sample["images"]["s2"], both[3]["images"]["s2"])
 
 
+def test_open_files_are_capped_per_process(root, monkeypatch):
+    import msgfm.data.dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "MAX_OPEN_FILES", 1)
+    ds = _dataset(root, "rgb", ["rgb"])
+    reference = [_dataset(root, "rgb", ["rgb"])[i]["images"]["rgb"] for i in (0, 15, 1, 16)]
+    for index, expected in zip((0, 15, 1, 16), reference):  # alternate between the two shards
+        assert torch.equal(ds[index]["images"]["rgb"], expected)
+        assert len(ds._files) == 1
+
+
 def _corrupt_chunks(path: Path, sensor: str, indices) -> None:
     """Overwrite the compressed bytes of some samples' chunks with zeros (inflate then fails)."""
     with h5py.File(path, "r") as f:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import os
 import random
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +34,9 @@ from msgfm.data.scheduler import CorruptSampleError
 from msgfm.data.stats import Stats
 from msgfm.data.transforms import SampleTransform, SensorNormalizer
 
+# Open shards per process: random access touches every shard, and a worker must stay well
+# under the usual 1024 file descriptors; the least recently used file is closed beyond it.
+MAX_OPEN_FILES = 256
 # Replacement attempts for one corrupt sample before giving up on the batch.
 MAX_REPLACEMENT_TRIES = 16
 # Only the errors reading a damaged file raises; anything else is a bug and must surface.
@@ -83,7 +87,7 @@ class GroupDataset(Dataset):
 
     def _reset_handles(self) -> None:
         self._pid = os.getpid()
-        self._files: dict[int, h5py.File] = {}
+        self._files: OrderedDict[int, h5py.File] = OrderedDict()  # in order of last use
         self._datasets: dict[tuple[int, str], tuple[h5py.Dataset, bool]] = {}
         self._ids: dict[int, np.ndarray] = {}
         self._bad: set[int] = set()  # samples that failed to read in this process
@@ -95,15 +99,25 @@ class GroupDataset(Dataset):
         key = (shard, sensor)
         if key not in self._datasets:
             if shard not in self._files:
-                # No chunk cache: every chunk (= sample) is read once per epoch.
-                self._files[shard] = h5py.File(self.paths[shard], "r", rdcc_nbytes=0)
+                self._open(shard)
             ds = self._files[shard][sensor]
             self._datasets[key] = (ds, _fast_chunk_read(ds))
+        self._files.move_to_end(shard)
         return self._datasets[key]
+
+    def _open(self, shard: int) -> None:
+        if len(self._files) >= MAX_OPEN_FILES:  # least recently used first
+            old, f = self._files.popitem(last=False)
+            for sensor in self.sensors:
+                self._datasets.pop((old, sensor), None)
+            f.close()
+        # No chunk cache: every chunk (= sample) is read once per epoch.
+        self._files[shard] = h5py.File(self.paths[shard], "r", rdcc_nbytes=0)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for key in ("_files", "_datasets", "_ids"):
+        state["_files"] = OrderedDict()
+        for key in ("_datasets", "_ids"):
             state[key] = {}
         state["_bad"] = set()
         state["_pid"] = -1  # handles are reopened by whoever unpickles (spawned workers)
