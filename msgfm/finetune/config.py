@@ -20,17 +20,18 @@ import yaml
 from msgfm.config import (KernelsConfig, ModelConfig, OptimizerConfig, ScheduleConfig, TrackingConfig, _apply_override,
                           _check_sensor, _fail, _from_dict, _read_yaml_tree, parse_override)
 
-TASKS = ("ben", "vaihingen", "sen12mscr", "spacenet")
+TASKS = ("ben", "vaihingen", "sen12mscr", "spacenet", "spacenet_buildings")
 TaskKind = Literal["multilabel", "segmentation", "restoration"]
+# spacenet_buildings: segmentation of SpaceNet building masks (the real-data check of the segmentation path)
 TASK_KINDS: dict[str, str] = {"ben": "multilabel", "vaihingen": "segmentation", "sen12mscr": "restoration",
-                              "spacenet": "restoration"}
+                              "spacenet": "restoration", "spacenet_buildings": "segmentation"}
 
 
 @dataclass(kw_only=True)
 class TaskConfig:
     """What is predicted from what, and how it is scored."""
 
-    name: Literal["ben", "vaihingen", "sen12mscr", "spacenet"] = "ben"
+    name: Literal["ben", "vaihingen", "sen12mscr", "spacenet", "spacenet_buildings"] = "ben"
     # multilabel (ben), segmentation (vaihingen, other masks), restoration (sen12mscr, spacenet)
     kind: Literal["multilabel", "segmentation", "restoration"] | None = None
     # Input sensors, in stacking order (method 2) / feature order (method 1).

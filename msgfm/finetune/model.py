@@ -36,6 +36,9 @@ class FinetuneModel(nn.Module):
         self.method = method
         self.kind = kind
         self.channels = {s: get_sensor(s).num_channels for s in self.sensors}
+        self.encoder_depths = list(model_cfg.depths)
+        # MoE load-balancing loss keeps its pretraining weight while fine-tuning (0 without experts)
+        self.aux_loss_weight = model_cfg.moe.aux_loss_weight if model_cfg.moe.enabled else 0.0
         norm_layer = layer_norm_class(kernels.layernorm)
         dim, patch = model_cfg.embed_dim, model_cfg.patch_size
         if method == "stack":

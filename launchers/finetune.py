@@ -1,0 +1,53 @@
+"""Fine-tune a pretrained msGFM on a downstream task (or evaluate a fine-tuned model).
+
+    deepspeed --num_gpus 8 launchers/finetune.py --deepspeed_config ds_configs/v100x8.json \
+        --task ben --pretrained runs/msgfm --data-root data/ben --output-dir runs/ft_ben
+    python launchers/finetune.py --deepspeed_config ds_configs/cpu.json --task ben --config ft_ben_tiny \
+        --pretrained runs/demo --data-root data/ben_tiny --output-dir runs/ft_ben_tiny      # one CPU process
+    python launchers/finetune.py --deepspeed_config ds_configs/cpu.json --task ben --config ft_ben_tiny \
+        --eval-only --checkpoint runs/ft_ben_tiny --data-root data/ben_tiny --output-dir runs/ft_ben_tiny
+
+--config defaults to ft_<task>. Trailing ``dotted.key=value`` arguments override the config
+(``transfer.method=separate``, ``data.train_fraction=0.1``, ``transfer.init=random``). See docs/finetune.md.
+"""
+import argparse
+import sys
+
+import deepspeed
+
+from msgfm.finetune.config import TASKS
+from msgfm.finetune.train import finetune
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", required=True, choices=TASKS, help="downstream task")
+    parser.add_argument("--config", default=None, help="fine-tuning config name or YAML (default: ft_<task>)")
+    parser.add_argument("--pretrained", default=None, help="pretraining checkpoint folder or run folder")
+    parser.add_argument("--data-root", default=None, help="folder of the task's shards (default: data.root)")
+    parser.add_argument("--output-dir", default=None, help="checkpoints, MLflow store, figures (default: runs/ft_<task>)")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the val and test splits")
+    parser.add_argument("--checkpoint", default=None, help="with --eval-only: a fine-tuning run folder or weights")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.deepspeed_config:
+        parser.error("--deepspeed_config is required (e.g. ds_configs/v100x8.json or ds_configs/cpu.json)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return finetune(args.config or f"ft_{args.task}", args.overrides, args.deepspeed_config, task_name=args.task,
+                        pretrained=args.pretrained, data_root=args.data_root,
+                        output_dir=args.output_dir or f"runs/ft_{args.task}", eval_only=args.eval_only,
+                        checkpoint=args.checkpoint)
+    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line
+        print(f"finetune: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Downstream data: a map-style Dataset over task shards, its statistics and loaders.
+
+A sample is ``{"images": {sensor: float32 [C,H,W] normalized}, "target": ..., "id": str}``
+with the target by task kind: multilabel float [K]; segmentation int64 [H,W]
+(``ignore_index`` where unlabelled); restoration float32 [C_t,H,W] in *physical* units
+(reflectance for SEN12MS-CR, digital numbers for SpaceNet), clipped to ``task.clip_range``.
+Invalid input pixels (nodata, NaN) are 0 after normalization, as in pretraining.
+
+HDF5 files are opened lazily per process (never across a fork). Training samples get
+the same random flips for every sensor and the target, and an optional random crop.
+
+Legend: C channels, H x W pixels, K classes.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from msgfm.data.format import LABELS_GROUP, ShardInfo, read_shard_info
+from msgfm.data.stats import Stats, expand_shard_args, load_stats
+from msgfm.data.transforms import SensorNormalizer
+from msgfm.finetune.config import FinetuneConfig, TaskConfig
+
+
+class TaskDataset(Dataset):
+    """Samples of one split: the task's input sensors, normalized, and the task's target."""
+
+    def __init__(self, shards: Sequence[str | Path], task: TaskConfig, stats: Stats, *, train: bool,
+                 hflip: bool = False, vflip: bool = False, crop: int = 0, resize: int = 0,
+                 ids: Sequence[str] | None = None) -> None:
+        infos = [read_shard_info(p, check_data=False) for p in shards]
+        if not infos:
+            raise ValueError("no shards for this split")
+        self.task, self.train = task, train
+        self.hflip, self.vflip, self.crop, self.resize = hflip and train, vflip and train, crop if train else 0, resize
+        self.target_sensor_input = task.kind == "restoration" and not task.target_label
+        for info in infos:
+            _check_shard(info, task)
+        self.paths = [info.path for info in infos]
+        self.normalizers = [{s: _normalizer(info, s, stats) for s in task.sensors} for info in infos]
+        if self.target_sensor_input:  # the reference is a stored sensor (pan-sharpening): its physical units
+            self.target_units = [(info.sensors[task.target_sensor].scale, info.sensors[task.target_sensor].offset)
+                                 for info in infos]
+        index = [(shard, local) for shard, info in enumerate(infos) for local in range(info.num_samples)]
+        self._starts = np.cumsum([0] + [info.num_samples for info in infos])
+        self.all_ids = [sid for info in infos for sid in _read_ids(info)]
+        if ids is not None:
+            position = {sid: i for i, sid in enumerate(self.all_ids)}
+            missing = [sid for sid in ids if sid not in position]
+            if missing:
+                raise ValueError(f"{len(missing)} requested ids are not in the shards, e.g. {missing[:3]}")
+            index = [index[position[sid]] for sid in ids]
+        self.index = index
+        self._pid, self._files = -1, {}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _file(self, shard: int) -> h5py.File:
+        if self._pid != os.getpid():  # a forked worker opens its own handles
+            self._pid, self._files = os.getpid(), {}
+        if shard not in self._files:
+            self._files[shard] = h5py.File(self.paths[shard], "r")
+        return self._files[shard]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pid": -1, "_files": {}}
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        shard, local = self.index[item]
+        f = self._file(shard)
+        task = self.task
+        images = {s: self.normalizers[shard][s](f[s][local])[0] for s in task.sensors}
+        if task.kind == "multilabel":
+            target = torch.from_numpy(f[LABELS_GROUP][task.label_name][local].astype(np.float32))
+        elif task.kind == "segmentation":
+            target = torch.from_numpy(f[LABELS_GROUP][task.label_name][local].astype(np.int64))
+        elif self.target_sensor_input:
+            scale, offset = self.target_units[shard]
+            target = torch.from_numpy(f[task.target_sensor][local].astype(np.float32) * scale + offset)
+        else:
+            target = torch.from_numpy(f[LABELS_GROUP][task.target_label][local].astype(np.float32) * task.target_scale)
+        if task.kind == "restoration":
+            target = target.clamp(*task.clip_range)
+        sample_id = self.all_ids[int(self._starts[shard]) + local]
+        # the global `random` is seeded per process (and per DataLoader worker by torch)
+        images, target = self._augment(images, target, random)
+        return {"images": images, "target": target, "id": sample_id}
+
+    def _augment(self, images: dict[str, torch.Tensor], target: torch.Tensor, rng: Any):
+        dense = self.task.kind != "multilabel"
+        if self.crop:
+            H, W = next(iter(images.values())).shape[-2:]
+            if self.crop > min(H, W):
+                raise ValueError(f"data.train_crop {self.crop} exceeds the {H}x{W} samples")
+            top, left = rng.randint(0, H - self.crop), rng.randint(0, W - self.crop)
+            images = {s: x[..., top:top + self.crop, left:left + self.crop] for s, x in images.items()}
+            target = target[..., top:top + self.crop, left:left + self.crop] if dense else target
+        for enabled, dim in ((self.hflip, -1), (self.vflip, -2)):
+            if enabled and rng.random() < 0.5:
+                images = {s: x.flip(dim) for s, x in images.items()}
+                target = target.flip(dim) if dense else target
+        if self.resize and not dense:
+            images = {s: F.interpolate(x[None], size=(self.resize, self.resize), mode="bilinear",
+                                       align_corners=False)[0] for s, x in images.items()}
+        return {s: x.contiguous() for s, x in images.items()}, target.contiguous()
+
+
+def _read_ids(info: ShardInfo) -> list[str]:
+    if not info.has_ids:
+        return [f"{info.path.name}:{i}" for i in range(info.num_samples)]
+    with h5py.File(info.path, "r") as f:
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in f["ids"][:]]
+
+
+def _check_shard(info: ShardInfo, task: TaskConfig) -> None:
+    missing = [s for s in task.sensors if s not in info.sensors]
+    if missing:
+        raise ValueError(f"{info.path}: task.sensors {missing} are not in this shard (it holds "
+                         f"{list(info.sensors)}); convert with the task's sensors or change task.sensors")
+    label = {"multilabel": task.label_name, "segmentation": task.label_name}.get(task.kind, task.target_label)
+    if label and label not in info.labels:
+        raise ValueError(f"{info.path}: no labels/{label} (it has {sorted(info.labels)}); the task "
+                         f"'{task.name}' needs it")
+    if task.kind == "multilabel" and info.labels[label].shape[1:] != (task.num_classes,):
+        raise ValueError(f"{info.path}: labels/{label} has {info.labels[label].shape[1:]} classes, task.num_classes "
+                         f"is {task.num_classes}")
+    if task.kind == "restoration" and not task.target_label and task.target_sensor not in info.sensors:
+        raise ValueError(f"{info.path}: target sensor '{task.target_sensor}' is not in this shard")
+
+
+def _normalizer(info: ShardInfo, sensor: str, stats: Stats) -> SensorNormalizer:
+    spec, sensor_stats = info.sensors[sensor], stats.sensor(sensor)
+    if sensor_stats.bands != spec.bands:
+        raise ValueError(f"{stats.path}: statistics of '{sensor}' are for bands {list(sensor_stats.bands)}, "
+                         f"{info.path} stores {list(spec.bands)}; run `msgfm stats` on these shards again")
+    return SensorNormalizer.from_stats(sensor_stats.mean, sensor_stats.std, scale=spec.scale, offset=spec.offset,
+                                       nodata=spec.nodata)
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {"images": {s: torch.stack([x["images"][s] for x in samples]) for s in samples[0]["images"]},
+            "target": torch.stack([x["target"] for x in samples]), "ids": [x["id"] for x in samples]}
+
+
+def split_paths(cfg: FinetuneConfig, root: Path, split: str) -> list[Path]:
+    patterns = getattr(cfg.data, split)
+    return expand_shard_args([p if Path(p).is_absolute() else str(root / p) for p in patterns]) if patterns else []
+
+
+def task_stats(cfg: FinetuneConfig, root: Path) -> Stats:
+    """The band statistics the task normalizes with (computed on the training shards)."""
+    train = split_paths(cfg, root, "train")
+    path = Path(cfg.data.stats_file) if cfg.data.stats_file else None
+    if path is not None and not path.is_absolute():
+        path = root / path
+    if path is None:
+        from msgfm.data.stats import default_stats_path
+
+        path = default_stats_path(train) if train else root / "stats.json"
+    return load_stats(path, hint=str(root / cfg.data.train[0]) if cfg.data.train else None)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool, rank: int, world: int, seed: int, epoch: int,
+                num_workers: int, pin_memory: bool) -> DataLoader:
+    """Each rank reads a disjoint slice; training shuffles per epoch with a seed and drops the last
+    partial batch (equal step counts on every rank), evaluation keeps every sample exactly once."""
+    if train:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        per_rank = len(order) // world
+        indices = order[rank * per_rank:(rank + 1) * per_rank]
+    else:
+        indices = list(range(rank, len(dataset), world))
+    subset = torch.utils.data.Subset(dataset, indices)
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, drop_last=train, num_workers=num_workers,
+                      pin_memory=pin_memory, collate_fn=collate, persistent_workers=False)
