@@ -203,6 +203,8 @@ class GroupDataset(Dataset):
     def _replacement(self, rng: random.Random) -> int:
         """A random index of the replacement pool, avoiding the ones known to be corrupt."""
         pool = self.replacement_pool
+        if not len(pool):
+            raise CorruptSampleError(f"group '{self.name}': a corrupt sample and no other sample to replace it with")
         for _ in range(MAX_REPLACEMENT_TRIES):
             index = int(pool[rng.randrange(len(pool))])
             if index not in self._bad:
