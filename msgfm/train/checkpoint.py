@@ -62,6 +62,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def host_rng_state() -> tuple[Any, Any, torch.Tensor]:
+    """The host-side generators only (python, numpy, torch CPU): cheap enough for every step."""
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def set_host_rng_state(state: tuple[Any, Any, torch.Tensor]) -> None:
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding checkpoints
 

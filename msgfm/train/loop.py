@@ -65,10 +65,16 @@ class Trainer:
             batches_iter: Iterator = iter(self.data.train)
             while True:
                 waited = time.perf_counter()
+                # A DataLoader draws its base seed from the global RNGs when its iterator starts (each
+                # epoch, and after a resume mid-epoch): keep that out of the training streams, so a
+                # resumed run draws the same masks as an uninterrupted one.
+                rng = ckpt.host_rng_state()
                 try:
                     step_batches = next(batches_iter)
                 except StopIteration:
                     break
+                finally:
+                    ckpt.set_host_rng_state(rng)
                 self.metrics.data_wait += time.perf_counter() - waited
                 self.train_step(step_batches)
                 self.step += 1

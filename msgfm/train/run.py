@@ -13,7 +13,7 @@ import random
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from msgfm.train import ds_config as dsc
 from msgfm.train.schedule import LRSchedule
 from msgfm.train.tracking import Tracker
 from msgfm.train.validate import check_data_path, resolve_data_root, startup_checks
+
+if TYPE_CHECKING:
+    from msgfm.train.loop import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def skip_cpu_shm_comm_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op at process-group start.
+
+    Training never uses it (it serves ``inference_all_reduce``), the first build costs ~40 s of a
+    2-core machine, and concurrent builds into the shared torch_extensions cache wait on each
+    other's lock file. DeepSpeed caches the op table in ``deepspeed.ops``, so the entry sticks.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def git_commit() -> str:
@@ -81,76 +96,91 @@ def pretrain(config: str, overrides: Sequence[str], ds_config_path: str, data_ro
 
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        skip_cpu_shm_comm_op()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(output_dir)
-    if rank == 0:
+    if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         removed = ckpt.remove_partial(out / "checkpoints")
         if removed:
             print(f"removed {len(removed)} partial checkpoint(s) left by an interrupted save: "
                   f"{[p.name for p in removed]}", flush=True)
     dist.barrier()
+    trainer = build_trainer(cfg, ds_config, root, out)
+    latest = ckpt.find_latest(out / "checkpoints")
+    if latest is not None:
+        trainer.resume(latest)
+    start_tracking(trainer, resumed=latest is not None)
+    try:
+        trainer.fit()
+    finally:
+        trainer.tracker.close()
+    if trainer.rank == 0:
+        _print_where(out, trainer.tracker)
+    return 0
+
+
+def build_trainer(cfg: RunConfig, ds_config: dict[str, Any], data_root: Path, out: Path,
+                  tracking: bool = True) -> "Trainer":
+    """Model, data, optimizer, DeepSpeed engine and schedule of one rank (process group already up)."""
+    import deepspeed
+    import deepspeed.comm as dist
 
     from msgfm.data.pipeline import build_pretrain_data
     from msgfm.models import build_pretrain_model, reinit_experts
+    from msgfm.train.loop import Trainer
+    from msgfm.train.optim import build_optimizer
 
+    rank, world = dist.get_rank(), dist.get_world_size()
     seed = cfg.train.seed
     seed_everything(seed)  # identical initial weights on every rank
     model = build_pretrain_model(cfg)  # activation checkpointing per stage: model.grad_checkpointing
     if cfg.model.moe.enabled:
         # DeepSpeed's expert-parallel groups are consecutive ranks: this rank holds experts of index rank % E
         reinit_experts(model, seed, ep_rank=rank % cfg.model.moe.expert_parallel_size)
-    data = build_pretrain_data(cfg, root, rank, world, seed)
+    data = build_pretrain_data(cfg, data_root, rank, world, seed)
     base_lrs = dict(data.lrs)
-    from msgfm.train.optim import build_optimizer
-
-    optimizer = build_optimizer(model, cfg.optimizer, lr=max(base_lrs.values()), on_gpu=on_gpu)
+    optimizer = build_optimizer(model, cfg.optimizer, lr=max(base_lrs.values()), on_gpu=torch.cuda.is_available())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)
     seed_everything(seed + 1000 * rank)  # masks, cross choices and MoE token selection differ per rank
     schedule = LRSchedule(cfg.schedule, steps_per_epoch=data.train.steps_per_epoch,
                           reference_lr=max(base_lrs.values()))
-
-    tracker = Tracker(cfg.tracking, out, active=rank == 0 and cfg.tracking.enabled)
-    from msgfm.train.loop import Trainer
-
+    tracker = Tracker(cfg.tracking, out, active=tracking and rank == 0 and cfg.tracking.enabled)
     client_extra = {"config": cfg.to_dict(), "ds_config": ds_config, "stats": data.stats}
-    trainer = Trainer(cfg, engine, data, schedule, base_lrs, tracker, out, rank, world, client_extra)
-    latest = ckpt.find_latest(out / "checkpoints")
-    run_id = None
-    if latest is not None:
-        trainer.resume(latest)
-        run_id_file = out / "mlflow_run_id"
-        run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
-    if rank == 0:
-        save_config(cfg, out / "config.yaml")
-        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-        (out / "stats.json").write_text(json.dumps(data.stats, indent=2))
-        devices = torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)"
-        tracker.start(run_name=f"{cfg.name}-{out.name}",
-                      params={"config": cfg.to_dict(), "ds_config": ds_config,
-                              "resolved": {"batch_size_per_gpu": data.batch_sizes, "lr": base_lrs,
-                                           "steps_per_epoch": data.train.steps_per_epoch,
-                                           "total_steps": trainer.total_steps}},
-                      tags={"git_commit": git_commit(), "world_size": str(world), "devices": devices,
-                            "host": socket.gethostname(), "precision": dsc.precision(ds_config)},
-                      artifacts={"config": out / "config.yaml", "config/ds": out / "ds_config.json",
-                                 "config/stats": out / "stats.json"},
-                      resume_run_id=run_id)
-        print(f"msgfm pretraining: {cfg.name}, {world} rank(s), {dsc.precision(ds_config)}, ZeRO-"
-              f"{dsc.zero_stage(ds_config)}, groups {data.batch_sizes} per GPU, LRs {base_lrs}, "
-              f"{data.train.steps_per_epoch} steps/epoch, {trainer.total_steps} steps", flush=True)
-    try:
-        trainer.fit()
-    finally:
-        tracker.close()
-    if rank == 0:
-        _print_where(out, tracker, trainer)
-    return 0
+    return Trainer(cfg, engine, data, schedule, base_lrs, tracker, out, rank, world, client_extra)
 
 
-def _print_where(out: Path, tracker: Tracker, trainer: Any) -> None:
+def start_tracking(trainer: "Trainer", resumed: bool) -> None:
+    """Rank 0: write the resolved configs beside the run, open (or reopen) the MLflow run, say what runs."""
+    if trainer.rank != 0:
+        return
+    cfg, out, data = trainer.cfg, trainer.output_dir, trainer.data
+    ds_config = trainer.client_extra["ds_config"]
+    run_id_file = out / "mlflow_run_id"
+    run_id = run_id_file.read_text().strip() if resumed and run_id_file.is_file() else None
+    save_config(cfg, out / "config.yaml")
+    (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+    (out / "stats.json").write_text(json.dumps(data.stats, indent=2))
+    on_gpu = torch.cuda.is_available()
+    devices = torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)"
+    trainer.tracker.start(
+        run_name=f"{cfg.name}-{out.name}",
+        params={"config": cfg.to_dict(), "ds_config": ds_config,
+                "resolved": {"batch_size_per_gpu": data.batch_sizes, "lr": trainer.base_lrs,
+                             "steps_per_epoch": data.train.steps_per_epoch, "total_steps": trainer.total_steps}},
+        tags={"git_commit": git_commit(), "world_size": str(trainer.world_size), "devices": devices,
+              "host": socket.gethostname(), "precision": dsc.precision(ds_config)},
+        artifacts={"config": out / "config.yaml", "config/ds": out / "ds_config.json",
+                   "config/stats": out / "stats.json"},
+        resume_run_id=run_id)
+    print(f"msgfm pretraining: {cfg.name}, {trainer.world_size} rank(s), {dsc.precision(ds_config)}, ZeRO-"
+          f"{dsc.zero_stage(ds_config)}, groups {data.batch_sizes} per GPU, LRs {trainer.base_lrs}, "
+          f"{data.train.steps_per_epoch} steps/epoch, {trainer.total_steps} steps", flush=True)
+
+
+def _print_where(out: Path, tracker: Tracker) -> None:
     latest = ckpt.find_latest(out / "checkpoints")
     print("\nDone.", flush=True)
     print(f"  checkpoint:  {latest}", flush=True)

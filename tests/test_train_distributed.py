@@ -1,0 +1,197 @@
+"""Pretraining through the real deepspeed launcher: 2 CPU ranks, gloo, ZeRO-2, expert parallelism 2.
+
+One module fixture runs the tiny config three times:
+  A  uninterrupted, 12 steps;
+  B  the same, SIGKILLed (rank 1, a real kill) once a checkpoint has been published;
+  C  B relaunched: it resumes from the newest complete checkpoint and finishes.
+The tests then read the runs' metrics.jsonl, MLflow stores and checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train_support import REPO, write_tiny_config, write_tiny_data, write_tiny_ds_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(folder: Path, out: Path, log: Path) -> subprocess.Popen:
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launchers/pretrain.py",
+           "--deepspeed_config", str(folder / "ds_tiny.json"), "--config", str(folder / "tiny.yaml"),
+           "--output-dir", str(out)]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def rank_pid(launcher: subprocess.Popen, local_rank: int) -> int | None:
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if f"--local_rank={local_rank}" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("dist")
+    write_tiny_data(folder, samples_per_group=40)
+    write_tiny_config(folder, folder / "data")
+    write_tiny_ds_config(folder)
+    a, b = folder / "run_a", folder / "run_b"
+    # A and B run at the same time (2 cores: each rank gets about one)
+    proc_a = launch(folder, a, folder / "a.log")
+    proc_b = launch(folder, b, folder / "b.log")
+    deadline = time.time() + 400
+    killed_after = None
+    while time.time() < deadline and proc_b.poll() is None:
+        latest = b / "checkpoints" / "latest"
+        if latest.is_file():
+            pid = rank_pid(proc_b, 1)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed_after = latest.read_text().strip()
+                break
+        time.sleep(0.2)
+    assert killed_after is not None, f"run B never published a checkpoint:\n{(folder / 'b.log').read_text()[-3000:]}"
+    proc_b.wait(120)
+    assert proc_b.returncode != 0, "the launcher must report the killed rank"
+    proc_a.wait(400)
+    assert proc_a.returncode == 0, (folder / "a.log").read_text()[-4000:]
+    proc_c = launch(folder, b, folder / "c.log")
+    proc_c.wait(400)
+    assert proc_c.returncode == 0, (folder / "c.log").read_text()[-4000:]
+    return {"folder": folder, "a": a, "b": b, "c_log": folder / "c.log", "killed_after": killed_after}
+
+
+def test_ep2_zero2_trains_and_loss_falls(runs):
+    loss = losses(runs["a"])
+    assert sorted(loss) == list(range(1, 13))
+    first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (10, 11, 12)) / 3
+    assert last < first, f"loss did not fall: {loss}"
+    log = (runs["folder"] / "a.log").read_text()
+    assert "ZeRO-2" in log and "2 rank(s)" in log and "creating a new group named: ep_size_2" in log
+
+
+def test_resume_after_sigkill_gives_identical_losses(runs):
+    log = runs["c_log"].read_text()
+    assert f"resumed from {runs['b'] / 'checkpoints'}" in log
+    resumed_at = int(log.split("at step ")[1].split()[0])
+    assert resumed_at >= 4
+    a, b = losses(runs["a"]), losses(runs["b"])
+    after = [s for s in range(resumed_at + 1, 13)]
+    assert after, "the kill came too late to test anything"
+    # metrics.jsonl of B holds the steps before the kill and, appended, those of C
+    for step in after:
+        assert b[step] == a[step], f"step {step}: resumed {b[step]} != uninterrupted {a[step]}"
+
+
+def test_per_group_lrs_are_the_scheduled_ones(runs):
+    from msgfm.config import load_config
+    from msgfm.train.schedule import LRSchedule
+
+    cfg = load_config(runs["folder"] / "tiny.yaml")
+    base = {g.name: g.lr for g in cfg.data.groups}
+    rows = [json.loads(line) for line in (runs["a"] / "metrics.jsonl").read_text().splitlines()]
+    steps_per_epoch = 8  # 40 samples, 20% held out, 2 ranks: 16 per rank = 8 sen12ms/mdas batches of 2
+    schedule = LRSchedule(cfg.schedule, steps_per_epoch, reference_lr=max(base.values()))
+    seen = 0
+    for row in rows:
+        if "lr/rgb" not in row:
+            continue
+        for group, lr in base.items():
+            assert row[f"lr/{group}"] == pytest.approx(lr * schedule.factor(row["step"] - 1), rel=1e-9)
+        seen += 1
+    assert seen == 12
+    assert rows[0]["lr/rgb"] < rows[-1]["lr/rgb"] or rows[0]["lr/rgb"] == pytest.approx(1e-4)
+
+
+def test_mlflow_run_contents(runs):
+    from mlflow import MlflowClient
+
+    out = runs["a"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    run = client.get_run((out / "mlflow_run_id").read_text().strip())
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    assert params["config.model.moe.expert_parallel_size"] == "2"
+    assert params["ds_config.zero_optimization.stage"] == "2"
+    assert params["resolved.batch_size_per_gpu.rgb"] == "4"
+    assert tags["world_size"] == "2" and tags["git_commit"] and tags["devices"].startswith("cpu")
+    expected = ["train/loss", "train/rgb/recon_loss", "train/sen12ms/recon/s2", "train/sen12ms/recon/sar",
+                "train/mdas/recon_loss", "train/rgb/aux_loss", "lr/rgb", "lr/sen12ms", "lr/mdas",
+                "grad_norm/rgb", "throughput/samples_per_s", "throughput/mdas_samples_per_s",
+                "time/data_wait_fraction", "val/rgb/recon_loss", "val/sen12ms/recon/s2",
+                "moe/rgb/encoder.layers.2.blocks.1.mlp/dropped_fraction",
+                "moe/mdas/encoder.layers.2.blocks.1.mlp/expert0_share", "memory/peak_rss_gib"]
+    missing = [k for k in expected if k not in metrics]
+    assert not missing, f"metrics missing from MLflow: {missing}"
+    assert any(k in metrics for k in ("train/sen12ms/recon_cross", "train/sen12ms/recon_self"))
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 12
+    figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
+    assert "figures/recon_sen12ms_step00000006.png" in figures and len(figures) == 6
+    configs = [a.path for a in client.list_artifacts(run.info.run_id, "config")]
+    assert "config/config.yaml" in configs
+    assert run.info.status == "FINISHED"
+
+
+def test_checkpoints_published_atomically_and_pruned(runs):
+    from msgfm.train import checkpoint as ckpt
+
+    root = runs["a"] / "checkpoints"
+    complete = [p.name for p in ckpt.complete_checkpoints(root)]
+    assert complete == ["step00000008", "step00000012"]  # keep_last 2
+    assert (root / "latest").read_text() == "step00000012"
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+    meta = json.loads((root / "step00000012" / "COMPLETE").read_text())
+    assert meta == {"step": 12, "world_size": 2, "tag": "step00000012"}
+    for rank in (0, 1):
+        state = torch.load(root / "step00000012" / ckpt.rank_file(rank), weights_only=False)
+        assert state["data"]["step"] == 12 and {"python", "numpy", "torch"} <= set(state["rng"])
+
+
+def test_consolidated_weights_load_without_process_group(runs):
+    from msgfm.config import load_config
+    from msgfm.models import build_pretrain_model
+    from msgfm.train.checkpoint import load_client_state, load_model_state_dict
+
+    state = load_model_state_dict(runs["a"])  # a run folder resolves to its newest checkpoint
+    cfg = load_config(runs["folder"] / "tiny.yaml", ["model.moe.expert_parallel_size=1"])
+    model = build_pretrain_model(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=True)
+    assert not missing and not unexpected
+    experts = [k for k in state if ".deepspeed_experts." in k]
+    assert {k.split(".deepspeed_experts.")[1].split(".")[0] for k in experts} == {"0", "1", "2", "3"}
+    # the two ranks held different experts: the consolidated ones differ too
+    w0 = [v for k, v in state.items() if ".deepspeed_experts.0." in k and k.endswith("fc1.weight")][0]
+    w3 = [v for k, v in state.items() if ".deepspeed_experts.3." in k and k.endswith("fc1.weight")][0]
+    assert not torch.equal(w0, w3)
+    client = load_client_state(runs["a"])["msgfm"]
+    assert client["step"] == 12 and client["config"]["name"] == "tiny" and set(client["stats"]) == {
+        "rgb", "sen12ms", "mdas"}

@@ -1,0 +1,61 @@
+"""Shared pieces of the training tests (no tests here): a tiny run config, its ds_config, its data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# demo_cpu shrunk to 32 px and 4/2/2 samples per group batch: a step takes well under a second
+TINY = {
+    "_base_": "demo_cpu",
+    "name": "tiny",
+    "model": {"img_size": 32},
+    "data": {
+        "groups": [
+            {"name": "rgb", "sensors": ["rgb"], "shards": ["rgb/*.h5"], "batch_size_per_gpu": 4, "lr": 3.0e-3,
+             "num_workers": 0},
+            {"name": "sen12ms", "sensors": ["sar", "s2"], "shards": ["sen12ms/*.h5"], "batch_size_per_gpu": 2,
+             "lr": 1.5e-3, "num_workers": 0},
+            {"name": "mdas", "sensors": ["dsm", "rgb"], "shards": ["mdas/*.h5"], "batch_size_per_gpu": 2,
+             "lr": 1.0e-3, "num_workers": 0},
+        ],
+        "val_fraction": 0.2,
+        "pin_memory": False,
+    },
+    "schedule": {"epochs": 10, "warmup_epochs": 1, "warmup_start_lr": 1.0e-4, "kind": "cosine", "min_lr": 1.0e-4,
+                 "milestones": []},
+    "train": {"max_steps": 12, "log_interval": 1, "checkpoint_interval": 4, "keep_last": 2},
+    "tracking": {"log_interval": 1, "figure_interval": 6},
+}
+
+
+def write_tiny_config(folder: Path, data_root: Path, **sections) -> Path:
+    """The tiny config as a YAML file (sections replace/extend TINY's top-level sections)."""
+    tree = json.loads(json.dumps(TINY))
+    tree["data"]["root"] = str(data_root)
+    for key, value in sections.items():
+        tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def write_tiny_ds_config(folder: Path, **changes) -> Path:
+    """ds_configs/cpu.json with the tiny config's micro batch (its largest group batch, 4)."""
+    config = json.loads((REPO / "ds_configs" / "cpu.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = 4
+    config.update(changes)
+    path = folder / "ds_tiny.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def write_tiny_data(folder: Path, samples_per_group: int = 40) -> Path:
+    from msgfm.config import load_config
+    from msgfm.train.synthetic import write_synthetic_data
+
+    cfg_path = write_tiny_config(folder, folder / "data")
+    return write_synthetic_data(load_config(cfg_path), folder / "data", samples_per_group)

@@ -1,0 +1,111 @@
+"""Start-up validation: every configuration mistake stops the run before any data is read,
+with an error that names the key or file and what to change."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from msgfm.train import pretrain
+from test_train_support import REPO, write_tiny_config, write_tiny_data, write_tiny_ds_config
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    write_tiny_data(folder, samples_per_group=12)
+    write_tiny_config(folder, folder / "data")
+    write_tiny_ds_config(folder)
+    return folder
+
+
+def run(tiny: Path, *overrides: str, ds: Path | None = None, data_root: str | None = None, world: int = 2) -> None:
+    os.environ["WORLD_SIZE"] = str(world)
+    try:
+        pretrain(str(tiny / "tiny.yaml"), list(overrides), str(ds or tiny / "ds_tiny.json"), data_root,
+                 str(tiny / "out"))
+    finally:
+        os.environ.pop("WORLD_SIZE", None)
+
+
+def test_zero3_with_moe(tiny):
+    (tiny / "z3").mkdir(exist_ok=True)
+    ds = write_tiny_ds_config(tiny / "z3", zero_optimization={"stage": 3})
+    with pytest.raises(ValueError, match="ZeRO stage 3 does not work with DeepSpeed-MoE"):
+        run(tiny, ds=ds)
+
+
+def test_expert_parallel_must_divide_world(tiny):
+    with pytest.raises(ValueError, match=r"expert_parallel_size=2 does not divide the world size 3"):
+        run(tiny, world=3)
+
+
+def test_expert_parallel_must_divide_experts(tiny):
+    with pytest.raises(ValueError, match=r"model.moe.expert_parallel_size.*num_experts=4"):
+        run(tiny, "model.moe.expert_parallel_size=3", world=3)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_on_cpu(tiny, precision):
+    folder = tiny / precision
+    folder.mkdir(exist_ok=True)
+    ds = write_tiny_ds_config(folder, **{precision: {"enabled": True}})
+    with pytest.raises(ValueError, match=f"enables {precision}, but no CUDA device.*cpu.json"):
+        run(tiny, ds=ds)
+
+
+def test_missing_data_path(tiny):
+    with pytest.raises(FileNotFoundError, match="data root .*nowhere does not exist.*prepare-sample"):
+        run(tiny, data_root=str(tiny / "nowhere"))
+
+
+def test_group_batches_contradict_ds_config(tiny):
+    with pytest.raises(ValueError, match=r"train_micro_batch_size_per_gpu=4 contradicts the group batch sizes.*"
+                                         r"must equal the largest, 8"):
+        run(tiny, "data.groups.rgb.batch_size_per_gpu=8")
+    folder = tiny / "gas"
+    folder.mkdir(exist_ok=True)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
+        run(tiny, ds=write_tiny_ds_config(folder, gradient_accumulation_steps=2))
+    with pytest.raises(ValueError, match=r"train_batch_size=16 != .* world size 2"):
+        run(tiny, ds=write_tiny_ds_config(folder, train_batch_size=16))
+    with pytest.raises(ValueError, match="remove the 'optimizer' section"):
+        run(tiny, ds=write_tiny_ds_config(folder, optimizer={"type": "AdamW", "params": {"lr": 1e-4}}))
+
+
+def test_nothing_was_written(tiny):
+    """The checks run before the process group and the output folder exist."""
+    assert not (tiny / "out").exists()
+
+
+def test_launcher_reports_one_line_and_exit_code(tiny):
+    proc = subprocess.run([sys.executable, "launchers/pretrain.py", "--deepspeed_config", str(tiny / "ds_tiny.json"),
+                           "--config", str(tiny / "tiny.yaml"), "--data-root", str(tiny / "missing")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "WORLD_SIZE": "2"})
+    assert proc.returncode == 2
+    assert "pretrain: error: data root" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dry_run_paper_setup_for_8_v100():
+    proc = subprocess.run([sys.executable, "launchers/pretrain.py", "--deepspeed_config", "ds_configs/v100x8.json",
+                           "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "world size 8" in out and "ZeRO-2 with MoE" in out and "precision fp16" in out
+    # the paper's encoder: ~219M parameters with MoE, ~87-89M active per token
+    encoder = out.split("encoder: total ")[1]
+    total_m = float(encoder.split("M")[0])
+    active_m = float(encoder.split("active ")[1].split("M")[0])
+    assert 210 < total_m < 230 and 85 < active_m < 92
+    assert "params     (P_d + P_e/E) * 2" in out and "optimizer  P_d*12/W" in out
+    assert "steps per epoch: data root data is missing here" in out
+
+
+def test_dry_run_catches_a_bad_world_size():
+    with pytest.raises(ValueError, match="expert_parallel_size=8 does not divide the world size 12"):
+        pretrain("msgfm_swinb_192", [], str(REPO / "ds_configs" / "v100x8.json"), None, "unused", dry_run=True,
+                 world_size=12)
