@@ -22,7 +22,17 @@ def evaluate(forward: Callable, task: Task, loader: DataLoader, device: torch.de
     """(metric result, first ``num_figures`` samples for figures). ``forward(images, base)`` runs the model.
 
     Every rank evaluates its slice; the torchmetrics states are reduced over ranks in ``compute``.
+    The RNG is forked and seeded: DeepSpeed's MoE gate drops over-capacity tokens at random even in
+    eval mode, and the same weights must give the same numbers (and training's RNG stream is untouched).
     """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        return _evaluate(forward, task, loader, device, dtype, max_batches, num_figures)
+
+
+def _evaluate(forward: Callable, task: Task, loader: DataLoader, device: torch.device, dtype: torch.dtype | None,
+              max_batches: int | None, num_figures: int) -> tuple[dict[str, Any], dict[str, Any]]:
     metric = task.metric()
     kept: dict[str, list[torch.Tensor]] = {"images": [], "prediction": [], "target": [], "base": []}
     start, samples = time.perf_counter(), 0
