@@ -13,7 +13,9 @@ CONFIGS = {
     # 64 px, window 4: stage 2's 4x4 grid is one unshifted window, stage 3's 2x2 grid shrinks the window to 2.
     "demo": ("demo_cpu", ["model.moe.enabled=false"]),
     # Swin-B/192 (window 6) with reduced depth: stage 3's 6x6 grid is one unshifted window.
-    "swinb192_shallow": ("msgfm_swinb_192", ["model.moe.enabled=false", "model.depths=[2,2,2,2]"]),
+    # (Only the rgb sensor, to skip building three large decoders.)
+    "swinb192_shallow": ("msgfm_swinb_192", ["model.moe.enabled=false", "model.depths=[2,2,2,2]", "model.sensors=[rgb]",
+                                             "data.groups=[{name: rgb, sensors: [rgb], lr: 1.0e-4}]"]),
 }
 
 
@@ -23,10 +25,12 @@ def _pair(config: str, sensor: str) -> tuple:
     torch.manual_seed(0)
     model = build_pretrain_model(cfg).eval()
     m = cfg.model
-    timm_model = SwinTransformer(img_size=m.img_size, patch_size=m.patch_size, in_chans=get_sensor(sensor).num_channels,
+    timm_model = SwinTransformer(img_size=m.img_size, patch_size=m.patch_size,
+                                 in_chans=get_sensor(sensor).num_channels,
                                  embed_dim=m.embed_dim, depths=m.depths, num_heads=m.num_heads,
                                  window_size=m.window_size, num_classes=0).eval()
-    x = torch.randn(2, get_sensor(sensor).num_channels, m.img_size, m.img_size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, get_sensor(sensor).num_channels, m.img_size, m.img_size,
+                    generator=torch.Generator().manual_seed(1))
     return model, timm_model, x
 
 

@@ -150,35 +150,25 @@ class MsGFM(nn.Module):
         row_num, row_den, row_cross = [], [], []
         for t_idx, target in enumerate(sensors):
             source_idx, sample_idx = torch.nonzero(target_index == t_idx, as_tuple=True)  # host, no sync
-            count = len(sample_idx)
-            out[f"count/{target}"] = count
-            if not count:
-                # No row decodes into this target here; a zero term still gives D_target's parameters a
-                # (zero) gradient on every rank. (The decoder itself cannot run on 0 rows: PixelShuffle's
-                # backward rejects empty batches.)
+            out[f"count/{target}"] = len(sample_idx)
+            if not len(sample_idx):
+                # No row decodes into this target: a zero term still gives D_target's parameters a
+                # (zero) gradient, so every rank reduces the same set of gradients.
                 unused.append(sum(p.sum() for p in self.decoders[target].parameters()) * 0.0)
                 continue
-            rows = (source_idx * B + sample_idx).to(device, non_blocking=True)
-            samples = sample_idx.to(device, non_blocking=True)
-            pred_nCHW = self.decoders[target](features_BhwF.index_select(0, rows))
-            target_nCHW = batch[target].index_select(0, samples)
-            weight_nCHW = upsample_mask(masks_Bhw.index_select(0, rows), self.patch_size)
-            if valid is not None and target in valid:
-                weight_nCHW = weight_nCHW & valid[target].index_select(0, samples)
-            # fp32 sums: a 16-bit sum over millions of pixels overflows (fp16) or loses digits (bf16).
-            weight_nCHW = weight_nCHW.float().expand_as(pred_nCHW)
-            num_n = ((pred_nCHW.float() - target_nCHW.float()).abs() * weight_nCHW).flatten(1).sum(1)
-            den_n = weight_nCHW.flatten(1).sum(1)
+            rows = source_idx * B + sample_idx
+            pred_nCHW, target_nCHW, num_n, den_n = self._reconstruct(
+                features_BhwF, masks_Bhw, batch, valid, target, rows.to(device), sample_idx.to(device))
             loss_t = num_n.sum() / den_n.sum().clamp(min=1.0)
             target_losses.append(loss_t)
             out[f"recon/{target}"] = loss_t.detach()
             row_num.append(num_n.detach())
             row_den.append(den_n.detach())
             row_cross.append(source_idx != t_idx)
-            for s_idx, source in enumerate(sensors):
+            for s_idx, source in enumerate(sensors):  # figure material, split by source sensor
                 pick = torch.nonzero(source_idx == s_idx).flatten()
                 if len(pick):
-                    pick_dev = pick.to(device, non_blocking=True)
+                    pick_dev = pick.to(device)
                     out["predictions"][source][target] = pred_nCHW.detach().index_select(0, pick_dev)
                     out["targets"][source][target] = target_nCHW.detach().index_select(0, pick_dev)
                     out["sample_index"][source][target] = sample_idx[pick]
@@ -186,7 +176,7 @@ class MsGFM(nn.Module):
         recon_loss = torch.stack(target_losses).mean() + sum(unused)
         num, den, cross = torch.cat(row_num), torch.cat(row_den), torch.cat(row_cross)  # cross: host bools
         for case, chosen in (("self", ~cross), ("cross", cross)):
-            picked = torch.nonzero(chosen).flatten().to(device, non_blocking=True)
+            picked = torch.nonzero(chosen).flatten().to(device)
             n_rows = int(chosen.sum())
             out[f"count_{case}"] = n_rows
             out[f"recon_{case}"] = (num.index_select(0, picked).sum() / den.index_select(0, picked).sum().clamp(
@@ -194,6 +184,20 @@ class MsGFM(nn.Module):
         out.update(loss=recon_loss + self.aux_loss_weight * aux_loss, recon_loss=recon_loss,
                    aux_loss=aux_loss)
         return out
+
+    def _reconstruct(self, features_BhwF: torch.Tensor, masks_Bhw: torch.Tensor, batch: dict[str, torch.Tensor],
+                     valid: dict[str, torch.Tensor] | None, target: str, rows: torch.Tensor,
+                     samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode feature ``rows`` with D_target; per-row masked L1 sum and weight (pixels x channels)."""
+        pred_nCHW = self.decoders[target](features_BhwF.index_select(0, rows))
+        target_nCHW = batch[target].index_select(0, samples)
+        weight_nCHW = upsample_mask(masks_Bhw.index_select(0, rows), self.patch_size)  # the SOURCE's mask
+        if valid is not None and target in valid:
+            weight_nCHW = weight_nCHW & valid[target].index_select(0, samples)
+        # fp32 sums: a 16-bit sum over millions of pixels overflows (fp16) or loses digits (bf16).
+        weight_nCHW = weight_nCHW.float().expand_as(pred_nCHW)
+        num_n = ((pred_nCHW.float() - target_nCHW.float()).abs() * weight_nCHW).flatten(1).sum(1)
+        return pred_nCHW, target_nCHW, num_n, weight_nCHW.flatten(1).sum(1)
 
     def _choose_targets(self, num_sensors: int, batch_size: int) -> torch.Tensor:
         """[S, B] target sensor index per (source, sample): the partner with prob. cross_rate (pairs only)."""

@@ -30,10 +30,10 @@ def count_parameters(cfg: RunConfig) -> dict[str, int | dict[str, int]]:
     ``encoder_experts`` (all experts of all MoE layers), ``encoder_total``,
     ``encoder_active_per_token`` (shared + top_k / num_experts of the experts),
     ``encoder_dense`` (the same encoder with plain MLPs instead of MoE: the Swin's size),
-    ``embeddings`` / ``decoders`` (all sensors) with per-sensor ``embedding/{s}``-style breakdowns
-    under ``per_sensor``, ``mask_token``, ``model_total`` and ``model_active_per_token``
-    (active: the encoder's active part plus ONE sensor's embedding and decoder is what a
-    sample touches; here all embeddings and decoders are included for simplicity of use).
+    ``embeddings`` / ``decoders`` (all sensors), ``per_sensor`` (embedding + decoder of each
+    sensor), ``mask_token``, ``model_total`` and ``model_active_per_token`` (the encoder's
+    active part plus ALL embeddings, decoders and the mask token; one sample touches only its
+    sensor's embedding and its target's decoder, see ``per_sensor``).
     """
     from msgfm.models.msgfm import MsGFM  # local: msgfm.models imports this module
 

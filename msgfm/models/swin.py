@@ -18,12 +18,11 @@ N = ws * ws tokens per window, nW windows per image.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from msgfm.config import NUM_PATCH_MERGES, KernelsConfig, ModelConfig
+from msgfm.config import NUM_PATCH_MERGES, KernelsConfig, ModelConfig, MoEConfig
 from msgfm.models.moe import MoEMlp
 from msgfm.ops import resolve_attention_impl, resolve_window_process_impl, window_attention, window_merge, \
     window_partition
@@ -82,7 +81,7 @@ class SwinBlock(nn.Module):
 
     def __init__(self, dim: int, resolution: int, num_heads: int, window_size: int, shifted: bool,
                  mlp_ratio: float, qkv_bias: bool, drop: float, drop_path: float, norm_layer: type[nn.Module],
-                 moe_cfg=None) -> None:
+                 moe_cfg: MoEConfig | None = None) -> None:
         super().__init__()
         # timm's rule: a grid no larger than the window is one window, and shifting it is pointless.
         self.window_size = min(window_size, resolution)
@@ -137,7 +136,8 @@ class SwinStage(nn.Module):
 
     def __init__(self, in_dim: int, dim: int, resolution: int, depth: int, downsample: bool, num_heads: int,
                  window_size: int, mlp_ratio: float, qkv_bias: bool, drop: float, drop_paths: list[float],
-                 norm_layer: type[nn.Module], moe_cfg=None, moe_blocks: tuple[int, ...] = ()) -> None:
+                 norm_layer: type[nn.Module], moe_cfg: MoEConfig | None = None,
+                 moe_blocks: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.downsample = PatchMerging(in_dim, norm_layer) if downsample else nn.Identity()
         self.blocks = nn.ModuleList([
