@@ -311,7 +311,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("shards", nargs="+", metavar="SHARDS", help="shard files or quoted globs ('data/rgb/*.h5')")
     p.add_argument("--output", type=Path, default=None,
                    help=f"stats JSON (default: {DEFAULT_STATS_NAME} in the shards' common folder)")
-    p.add_argument("--max-samples", type=int, default=None, help="use a seeded random subset of this many samples")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="use a seeded random subset of this many samples (tens of thousands give stable "
+                        "statistics; every sample of a large group takes long)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
