@@ -124,15 +124,18 @@ std::tuple<at::Tensor, at::Tensor> window_attention_backward(
   auto grad_bias_HNN = at::zeros({num_heads, N, N}, qkv_BN3C.options().dtype(at::kFloat));
   if (B_ == 0) return {grad_qkv_BN3C, grad_bias_HNN};
   const AttentionArgs args = make_args(bias_table_TH, rel_index_NN, mask_WNN, N, num_heads, nW, scale);
-  const dim3 grid(static_cast<unsigned>(B_), static_cast<unsigned>(num_heads));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   MSGFM_DISPATCH_FLOAT_HALF_BF16(qkv_BN3C.scalar_type(), "window_attention_backward", [&] {
     dispatch_head_dim(C / num_heads, [&](auto head_dim) {
       constexpr int D = decltype(head_dim)::value;
-      const size_t smem = attention_bwd_shared_bytes<D>(static_cast<int>(N));
-      window_attention_bwd_kernel<scalar_t, D><<<grid, attention_threads(static_cast<int>(N)), smem, stream>>>(
-          grad_out_BNC.data_ptr<scalar_t>(), qkv_BN3C.data_ptr<scalar_t>(), out_BNC.data_ptr<scalar_t>(),
-          lse_BHN.data_ptr<float>(), grad_qkv_BN3C.data_ptr<scalar_t>(), grad_bias_HNN.data_ptr<float>(), args);
+      const AttentionBwdLaunch launch = attention_bwd_launch(static_cast<int>(N), D);
+      const dim3 grid(static_cast<unsigned>((B_ + launch.windows_per_block - 1) / launch.windows_per_block),
+                      static_cast<unsigned>(num_heads));
+      window_attention_bwd_kernel<scalar_t, D>
+          <<<grid, attention_threads(static_cast<int>(N)), launch.shared_bytes, stream>>>(
+              grad_out_BNC.data_ptr<scalar_t>(), qkv_BN3C.data_ptr<scalar_t>(), out_BNC.data_ptr<scalar_t>(),
+              lse_BHN.data_ptr<float>(), grad_qkv_BN3C.data_ptr<scalar_t>(), grad_bias_HNN.data_ptr<float>(), args,
+              static_cast<int>(B_), launch.windows_per_block, launch.bias_in_shared);
       MSGFM_CHECK_LAUNCH("window_attention_bwd_kernel");
     });
   });

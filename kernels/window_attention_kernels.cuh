@@ -17,15 +17,19 @@
 // a time (a broadcast, no bank conflicts). The softmax is computed online (running
 // max and sum), so the N x N attention matrix never exists in memory.
 //
-// Backward recomputes S from q, k and the saved lse, in two phases per block:
+// Backward recomputes S from q, k and the saved lse, in two phases per window:
 //   A (thread = query row i): dq_i = scale * sum_j dS_ij k_j
 //   B (thread = key row j):   dv_j = sum_i P_ij do_i,  dk_j = scale * sum_i dS_ij q_i,
-//                             grad_bias[h, i, j] += dS_ij   (fp32 atomics)
+//                             grad_bias[h, i, j] += dS_ij
 // with P = exp(S - lse), dS = P (do v^T - delta), delta_i = do_i . out_i.
-// The bias gradient is summed over windows with fp32 atomicAdd into an [H, N, N]
-// buffer (in phase B, where a warp's 32 atomics hit consecutive addresses); the
-// caller then scatters it into the table rows with index_add (many (i, j) pairs
-// share a table row). fp16/bf16 atomics are never used.
+// The bias gradient is summed over windows in fp32 into an [H, N, N] buffer: a block
+// takes kBwdWindowsPerBlock windows of one head and sums their dS in shared memory
+// (thread j owns column j, so no atomics there), then adds the sum to the buffer with
+// one fp32 atomicAdd per entry; when the [N, N] sum does not fit in shared memory
+// (window 12), each window adds its dS with atomics directly (in phase B, where a
+// warp's 32 atomics hit consecutive addresses). The caller scatters the buffer into
+// the table rows with index_add (many (i, j) pairs share a table row). fp16/bf16
+// atomics are never used.
 #pragma once
 
 #include <cstdint>
@@ -126,18 +130,19 @@ __global__ void window_attention_fwd_kernel(const scalar_t* __restrict__ qkv, sc
   lse[((int64_t)b * a.H + h) * a.N + i] = row_max + logf(row_sum);
 }
 
+// The backward of one window b (all of its rows, one head) by one thread block; `bias_acc`
+// is the block's [N, N] shared accumulator of dS, or nullptr to add straight to grad_bias.
 template <typename scalar_t, int D>
-__global__ void window_attention_bwd_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ qkv,
-                                            const scalar_t* __restrict__ out, const float* __restrict__ lse,
-                                            scalar_t* __restrict__ grad_qkv, float* __restrict__ grad_bias,
-                                            AttentionArgs a) {
-  MSGFM_DYNAMIC_SHARED_FLOATS(smem);
+__device__ __forceinline__ void attention_bwd_window(int b, float* smem, const scalar_t* __restrict__ grad_out,
+                                                     const scalar_t* __restrict__ qkv,
+                                                     const scalar_t* __restrict__ out, const float* __restrict__ lse,
+                                                     scalar_t* __restrict__ grad_qkv, float* __restrict__ grad_bias,
+                                                     float* bias_acc, const AttentionArgs& a) {
   float* tile_a = smem;                  // [kTile, D]: K in phase A, scaled Q in phase B
   float* tile_b = smem + kTile * D;      // [kTile, D]: V in phase A, dO in phase B
   float* lse_s = smem + 2 * kTile * D;   // [N]
   float* delta_s = lse_s + a.N;          // [N]
 
-  const int b = blockIdx.x;
   const int h = blockIdx.y;
   const int t = threadIdx.x;
   const bool active = t < a.N;
@@ -228,7 +233,11 @@ __global__ void window_attention_bwd_kernel(const scalar_t* __restrict__ grad_ou
           dv[d] += p * tile_b[ii * D + d];
           dk[d] += ds * tile_a[ii * D + d];  // tile_a holds scale * q, so this is scale * dS q
         }
-        atomicAdd(&grad_bias_h[i * a.N + j], ds);
+        if (bias_acc != nullptr) {
+          bias_acc[i * a.N + j] += ds;  // column j belongs to this thread alone
+        } else {
+          atomicAdd(&grad_bias_h[i * a.N + j], ds);
+        }
       }
     }
     if (active) {
@@ -241,6 +250,34 @@ __global__ void window_attention_bwd_kernel(const scalar_t* __restrict__ grad_ou
   }
 }
 
+// Each block handles `windows_per_block` consecutive windows of one head (blockIdx.y).
+// With `bias_in_shared`, dS is summed over those windows in shared memory and added to
+// grad_bias once per block, cutting the global atomics by windows_per_block.
+template <typename scalar_t, int D>
+__global__ void window_attention_bwd_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ qkv,
+                                            const scalar_t* __restrict__ out, const float* __restrict__ lse,
+                                            scalar_t* __restrict__ grad_qkv, float* __restrict__ grad_bias,
+                                            AttentionArgs a, int num_windows, int windows_per_block,
+                                            bool bias_in_shared) {
+  MSGFM_DYNAMIC_SHARED_FLOATS(smem);
+  const int NN = a.N * a.N;
+  float* bias_acc = bias_in_shared ? smem + 2 * kTile * D + 2 * a.N : nullptr;  // [N, N]
+  if (bias_acc != nullptr) {
+    for (int idx = threadIdx.x; idx < NN; idx += blockDim.x) bias_acc[idx] = 0.f;
+  }
+  const int first = blockIdx.x * windows_per_block;
+  const int last = min(num_windows, first + windows_per_block);
+  for (int b = first; b < last; ++b) {
+    __syncthreads();  // the zeroed accumulator is visible; the previous window is done with lse_s / delta_s
+    attention_bwd_window<scalar_t, D>(b, smem, grad_out, qkv, out, lse, grad_qkv, grad_bias, bias_acc, a);
+  }
+  if (bias_acc != nullptr) {
+    __syncthreads();
+    float* grad_bias_h = grad_bias + (int64_t)blockIdx.y * NN;
+    for (int idx = threadIdx.x; idx < NN; idx += blockDim.x) atomicAdd(&grad_bias_h[idx], bias_acc[idx]);
+  }
+}
+
 // One thread per token row, rounded up to whole warps.
 inline int attention_threads(int N) { return (N + 31) / 32 * 32; }
 
@@ -248,7 +285,22 @@ inline int attention_threads(int N) { return (N + 31) / 32 * 32; }
 template <int D>
 constexpr size_t attention_fwd_shared_bytes() { return 2 * kTile * D * sizeof(float); }
 
-template <int D>
-size_t attention_bwd_shared_bytes(int N) { return (2 * kTile * D + 2 * static_cast<size_t>(N)) * sizeof(float); }
+// How the backward is launched for N tokens and head dim D: the shared accumulator of the bias
+// gradient is used when it fits in the 48 KiB every target gives without opt-in.
+struct AttentionBwdLaunch {
+  size_t shared_bytes;
+  int windows_per_block;
+  bool bias_in_shared;
+};
+
+constexpr int kBwdWindowsPerBlock = 8;
+constexpr size_t kSharedBytesWithoutOptIn = 48 * 1024;
+
+inline AttentionBwdLaunch attention_bwd_launch(int N, int D) {
+  const size_t base = (2 * static_cast<size_t>(kTile) * D + 2 * static_cast<size_t>(N)) * sizeof(float);
+  const size_t with_bias = base + static_cast<size_t>(N) * N * sizeof(float);
+  if (with_bias <= kSharedBytesWithoutOptIn) return {with_bias, kBwdWindowsPerBlock, true};
+  return {base, 1, false};
+}
 
 }  // namespace msgfm

@@ -75,7 +75,7 @@ def emulated_attention(emulator, case, grad_out_BNC):
 CASES = [
     (1, 12, 18, 6, 3, 2, 16, torch.float32),  # 6 windows, shifted
     (2, 12, 12, 6, 0, 1, 32, torch.float32),
-    (1, 18, 18, 6, 3, 1, 64, torch.float32),  # 9 windows
+    (2, 18, 18, 6, 3, 1, 64, torch.float32),  # 18 windows: 3 backward blocks of up to 8 windows
     (1, 24, 12, 12, 6, 2, 16, torch.float32),
     (1, 12, 12, 12, 0, 1, 32, torch.float32),  # one window
     (1, 12, 18, 6, 3, 1, 32, torch.float16),

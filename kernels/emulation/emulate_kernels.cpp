@@ -61,11 +61,14 @@ extern "C" int msgfm_emulate_attention_backward(int dtype, const void* grad_out,
   return with_dtype_and_head_dim(dtype, head_dim, [&](auto type_tag, auto dim) {
     using scalar_t = typename decltype(type_tag)::type;
     constexpr int D = decltype(dim)::value;
-    emulate_launch({static_cast<unsigned>(windows), static_cast<unsigned>(heads), 1},
+    const msgfm::AttentionBwdLaunch launch = msgfm::attention_bwd_launch(N, D);
+    const auto blocks = static_cast<unsigned>((windows + launch.windows_per_block - 1) / launch.windows_per_block);
+    emulate_launch({blocks, static_cast<unsigned>(heads), 1},
                    {static_cast<unsigned>(msgfm::attention_threads(N)), 1, 1},
-                   msgfm::attention_bwd_shared_bytes<D>(N), msgfm::window_attention_bwd_kernel<scalar_t, D>,
+                   launch.shared_bytes, msgfm::window_attention_bwd_kernel<scalar_t, D>,
                    static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(qkv),
-                   static_cast<const scalar_t*>(out), lse, static_cast<scalar_t*>(grad_qkv), grad_bias, args);
+                   static_cast<const scalar_t*>(out), lse, static_cast<scalar_t*>(grad_qkv), grad_bias, args,
+                   windows, launch.windows_per_block, launch.bias_in_shared);
   });
 }
 
