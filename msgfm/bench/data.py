@@ -5,7 +5,8 @@ float32 2 bands, dsm float32 1 band; seeded random values) to HDF5 shards and, f
 comparison, the same samples as one GeoTIFF per sample and sensor. Then, in this process
 with one torch thread (what one DataLoader worker does), it times reading + normalizing +
 augmenting (random resized crop to 192, scale (0.67, 1), flips) + collating batches
-("full"), and reading alone ("read only"), in samples/s:
+("full"), and reading alone ("read only"), in samples/s; the last column is the speed
+of ``write_stats`` (``msgfm stats``) on the same shard:
 
 * ``hdf5``: :class:`msgfm.data.dataset.GroupDataset` over the shards;
 * ``geotiff``: ``rasterio.open`` + ``read`` of each sample's file(s), then the very same
@@ -54,8 +55,10 @@ def _synthetic(sensor: str, num: int, rng: np.random.Generator) -> np.ndarray:
     return rng.normal(100.0, 30.0, shape).astype(np.float32)
 
 
-def write_inputs(folder: Path, num: int, compression: str | None, seed: int = 0) -> dict[str, tuple[Path, list[Path]]]:
-    """Per sensor: one HDF5 shard of ``num`` samples and ``num`` single-sample GeoTIFFs."""
+def write_inputs(folder: Path, num: int, compression: str | None, seed: int = 0
+                 ) -> dict[str, tuple[Path, list[Path], float]]:
+    """Per sensor: one HDF5 shard of ``num`` samples, ``num`` single-sample GeoTIFFs, and the
+    samples/s of ``write_stats`` over the shard."""
     rng = np.random.default_rng(seed)
     out = {}
     for sensor, dtype in SENSORS.items():
@@ -65,7 +68,9 @@ def write_inputs(folder: Path, num: int, compression: str | None, seed: int = 0)
         with ShardWriter(shard, sensor, {sensor: spec}, compression=compression) as writer:
             for i in range(num):
                 writer.append({sensor: data[i]}, f"{sensor}_{i}")
+        start = time.perf_counter()
         write_stats([shard], progress=False)
+        stats_rate = num / (time.perf_counter() - start)
         tiffs = []
         for i in range(num):
             path = folder / sensor / "tif" / f"{i:05d}.tif"
@@ -74,7 +79,7 @@ def write_inputs(folder: Path, num: int, compression: str | None, seed: int = 0)
                                dtype=dtype, crs="EPSG:32632", transform=from_origin(500000, 5000000, 10, 10)) as dst:
                 dst.write(data[i])
             tiffs.append(path)
-        out[sensor] = (shard, tiffs)
+        out[sensor] = (shard, tiffs, stats_rate)
     return out
 
 
@@ -102,10 +107,10 @@ def _rss_mib() -> float:
 
 def bench(folder: Path, num: int, epochs: int, compression: str | None, repeats: int) -> list[str]:
     inputs = write_inputs(folder, num, compression)
-    rows = ["| sensor | dtype, bands | HDF5 full | GeoTIFF full | ratio | HDF5 read only | GeoTIFF read only | ratio |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| sensor | dtype, bands | HDF5 full | GeoTIFF full | ratio | HDF5 read only | GeoTIFF read only | ratio "
+            "| msgfm stats |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     rss_lines = []
-    for sensor, (shard, tiffs) in inputs.items():
+    for sensor, (shard, tiffs, stats_rate) in inputs.items():
         stats = load_stats(shard.parent / "stats.json")
         transform = SampleTransform(img_size=IMG_SIZE, train=True)
         dataset = GroupDataset([shard], [sensor], stats, transform, name=sensor)
@@ -138,7 +143,7 @@ def bench(folder: Path, num: int, epochs: int, compression: str | None, repeats:
         hdf5_raw, tif_raw = _rate(hdf5_read, num, epochs, repeats), _rate(geotiff_read, num, 1, repeats)
         bands = get_sensor(sensor).num_channels
         rows.append(f"| {sensor} | {SENSORS[sensor]}, {bands} | {hdf5:,.0f} | {tif:,.0f} | {hdf5 / tif:.1f}x "
-                    f"| {hdf5_raw:,.0f} | {tif_raw:,.0f} | {hdf5_raw / tif_raw:.1f}x |")
+                    f"| {hdf5_raw:,.0f} | {tif_raw:,.0f} | {hdf5_raw / tif_raw:.1f}x | {stats_rate:,.0f} |")
         if sensor == "rgb":
             gc.collect()
             rss = []

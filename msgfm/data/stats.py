@@ -4,7 +4,8 @@ Mean and standard deviation (population, ddof=0) of every band of every sensor, 
 physical units (``raw * scale + offset``, the shard's attributes), over the valid pixels
 only: nodata values (compared on the raw value), NaN and +-Inf are left out. The readers
 normalize in the same units, so shards written with different scale/offset share one set
-of statistics. Accumulation streams blocks of samples in float64 and merges them with
+of statistics. Integer data (uint8, uint16, int16) is counted in exact per-band histograms
+of the raw values; float data streams in blocks through float64 moments; both merge with
 Chan's parallel update (no sum-of-squares cancellation, no whole-dataset array).
 
 The result goes to ``stats.json`` in the common parent folder of the shards (beside them)
@@ -119,10 +120,12 @@ class _BandMoments:
     def add(self, x_CP: np.ndarray, valid_CP: np.ndarray) -> None:
         """Merge a block: x [C, P] physical values (float64), valid [C, P] bool."""
         count = valid_CP.sum(axis=1)
-        safe = np.maximum(count, 1)
-        mean = np.where(valid_CP, x_CP, 0.0).sum(axis=1) / safe
+        mean = np.where(valid_CP, x_CP, 0.0).sum(axis=1) / np.maximum(count, 1)
         dev = np.where(valid_CP, x_CP - mean[:, None], 0.0)
-        m2 = np.einsum("cp,cp->c", dev, dev)
+        self.merge(count, mean, np.einsum("cp,cp->c", dev, dev))
+
+    def merge(self, count: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> None:
+        """Chan et al.'s pairwise update with another set's per-band count, mean and M2."""
         total = self.count + count
         delta = mean - self.mean
         ratio = np.divide(count, total, out=np.zeros_like(self.mean), where=total > 0)
@@ -133,6 +136,53 @@ class _BandMoments:
     @property
     def std(self) -> np.ndarray:
         return np.sqrt(self.m2 / np.maximum(self.count, 1))
+
+
+class _SensorAccumulator:
+    """Statistics of one sensor. Integer data of at most 16 bits goes into exact per-band
+    histograms of the raw values (one np.bincount per band and block: fast, and nodata is
+    one bin to drop), converted to physical moments at the end; float data is streamed
+    through :class:`_BandMoments` with NaN/Inf/nodata masked."""
+
+    def __init__(self, channels: int) -> None:
+        self.moments = _BandMoments(channels)
+        # (dtype, nodata, scale, offset) -> [C, 2**bits] counts: shards may differ in scale/offset
+        self.histograms: dict[tuple[str, float | None, float, float], np.ndarray] = {}
+
+    def add(self, raw_BCHW: np.ndarray, nodata: float | None, scale: float, offset: float) -> None:
+        dtype = raw_BCHW.dtype
+        channels = raw_BCHW.shape[1]
+        if dtype.kind in "ui" and dtype.itemsize <= 2:
+            key = (dtype.str, nodata, scale, offset)
+            if key not in self.histograms:
+                self.histograms[key] = np.zeros((channels, 2 ** (8 * dtype.itemsize)), np.int64)
+            hist = self.histograms[key]
+            shift = -int(np.iinfo(dtype).min)  # int16 -> bins 0..65535
+            for c in range(channels):
+                values = raw_BCHW[:, c].ravel()
+                hist[c] += np.bincount(values.astype(np.int32) + shift if shift else values, minlength=hist.shape[1])
+            return
+        valid_BCHW = np.isfinite(raw_BCHW)
+        if nodata is not None:
+            valid_BCHW &= raw_BCHW != nodata
+        x_BCHW = raw_BCHW.astype(np.float64) * scale + offset
+        # [B,C,H,W] -> [C, B*H*W]
+        self.moments.add(x_BCHW.transpose(1, 0, 2, 3).reshape(channels, -1),
+                         valid_BCHW.transpose(1, 0, 2, 3).reshape(channels, -1))
+
+    def finish(self) -> _BandMoments:
+        for (dtype, nodata, scale, offset), hist in self.histograms.items():
+            raw_values = np.arange(hist.shape[1]) + np.iinfo(np.dtype(dtype)).min
+            counts = hist.copy()
+            if nodata is not None and float(nodata).is_integer() and raw_values[0] <= nodata <= raw_values[-1]:
+                counts[:, int(nodata) - raw_values[0]] = 0
+            physical = raw_values * scale + offset
+            count = counts.sum(axis=1)
+            mean = (counts * physical).sum(axis=1) / np.maximum(count, 1)
+            m2 = (counts * (physical[None, :] - mean[:, None]) ** 2).sum(axis=1)
+            self.moments.merge(count, mean, m2)
+        self.histograms.clear()
+        return self.moments
 
 
 def _selection(infos: Sequence[ShardInfo], max_samples: int | None, seed: int) -> list[np.ndarray]:
@@ -158,7 +208,7 @@ def _blocks(indices: np.ndarray, block: int):
             yield chunk
 
 
-def _accumulate(path: Path, info: ShardInfo, indices: np.ndarray, moments: dict[str, _BandMoments],
+def _accumulate(path: Path, info: ShardInfo, indices: np.ndarray, accumulators: dict[str, _SensorAccumulator],
                 progress: tqdm) -> None:
     with h5py.File(path, "r") as f:
         for name, sensor in info.sensors.items():
@@ -166,16 +216,7 @@ def _accumulate(path: Path, info: ShardInfo, indices: np.ndarray, moments: dict[
             block = max(1, _BLOCK_BYTES // (channels * height * width * 8))
             for sel in _blocks(indices, block):
                 raw_BCHW = f[name][sel] if isinstance(sel, slice) else np.stack([f[name][int(i)] for i in sel])
-                valid_BCHW = np.ones(raw_BCHW.shape, bool)
-                if sensor.nodata is not None:
-                    valid_BCHW &= raw_BCHW != sensor.nodata
-                if raw_BCHW.dtype.kind == "f":
-                    valid_BCHW &= np.isfinite(raw_BCHW)
-                x_BCHW = raw_BCHW.astype(np.float64) * sensor.scale + sensor.offset
-                # [B,C,H,W] -> [C, B*H*W]
-                x_CP = x_BCHW.transpose(1, 0, 2, 3).reshape(channels, -1)
-                valid_CP = valid_BCHW.transpose(1, 0, 2, 3).reshape(channels, -1)
-                moments[name].add(x_CP, valid_CP)
+                accumulators[name].add(raw_BCHW, sensor.nodata, sensor.scale, sensor.offset)
                 if name == next(iter(info.sensors)):
                     progress.update(raw_BCHW.shape[0])
 
@@ -203,17 +244,18 @@ def write_stats(shard_paths: Sequence[str | Path], output: str | Path | None = N
         detail = "; ".join(f"{p}: {list(i.sensors)}" for p, i in zip(paths, infos))
         raise ValueError(f"the shards hold different sensors ({detail}); compute statistics per data group")
     first = infos[0]
-    moments = {name: _BandMoments(s.channels) for name, s in first.sensors.items()}
+    accumulators = {name: _SensorAccumulator(s.channels) for name, s in first.sensors.items()}
     selection = _selection(infos, max_samples, seed)
     total = int(sum(len(s) for s in selection))
     with tqdm(total=total, unit="sample", desc="stats", disable=not progress) as bar:
         for path, info, indices in zip(paths, infos, selection):
             if len(indices):
-                _accumulate(path, info, indices, moments, bar)
+                _accumulate(path, info, indices, accumulators, bar)
 
     out = Path(output) if output is not None else default_stats_path(paths)
     sensors = {}
-    for name, acc in moments.items():
+    for name, accumulator in accumulators.items():
+        acc = accumulator.finish()
         bands = first.sensors[name].bands
         mean, std = acc.mean.copy(), acc.std
         for c, band in enumerate(bands):
