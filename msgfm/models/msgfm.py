@@ -125,13 +125,18 @@ class MsGFM(nn.Module):
         sensor; None when the batch has no such row); host ints ``count/{sensor}``, ``count_self``,
         ``count_cross`` (rows per case); and for figures, all detached: ``masks`` {sensor: [B, h, w]},
         ``target_sensor`` {source: list of B target names}, ``predictions`` / ``targets`` /
-        ``sample_index`` {source: {target: [n, C_t, H, W] / [n, C_t, H, W] / [n]}}.
+        ``sample_index`` {source: {target: [n, C_t, H, W] / [n, C_t, H, W] / [n] (host)}}. ``masks`` and
+        ``valid`` may live on the host; they are moved to the batch's device.
         """
         sensors = self._check_inputs(batch, group, masks, valid)
         B = batch[sensors[0]].shape[0]
         device = batch[sensors[0]].device
         if masks is None:
             masks = self.mask_generator.for_sensors(sensors, B, device=device)
+        else:  # masks from data-loader workers may still be on the host
+            masks = {s: masks[s].to(device, non_blocking=True) for s in sensors}
+        if valid is not None:
+            valid = {s: v.to(device, non_blocking=True) for s, v in valid.items()}
 
         tokens_BhwD = torch.cat([self.embed(batch[s], s, masks[s]) for s in sensors])  # [S*B, h, w, D]
         features_BhwF = self.encoder(tokens_BhwD)
@@ -141,6 +146,12 @@ class MsGFM(nn.Module):
         masks_Bhw = torch.cat([masks[s] for s in sensors])  # row r = source_index * B + sample
 
         target_index = self._choose_targets(len(sensors), B)  # [S, B] host tensor, index into sensors
+
+        def to_device(index: torch.Tensor) -> torch.Tensor:
+            # Host index tensors: an async copy from pageable memory is staged at once, with no wait
+            # for the device's queue (a blocking copy would synchronize the stream).
+            return index.to(device, non_blocking=True)
+
         out: dict[str, Any] = {"masks": {s: masks[s].detach() for s in sensors},
                                "target_sensor": {s: [sensors[t] for t in target_index[i].tolist()]
                                                  for i, s in enumerate(sensors)},
@@ -158,7 +169,7 @@ class MsGFM(nn.Module):
                 continue
             rows = source_idx * B + sample_idx
             pred_nCHW, target_nCHW, num_n, den_n = self._reconstruct(
-                features_BhwF, masks_Bhw, batch, valid, target, rows.to(device), sample_idx.to(device))
+                features_BhwF, masks_Bhw, batch, valid, target, to_device(rows), to_device(sample_idx))
             loss_t = num_n.sum() / den_n.sum().clamp(min=1.0)
             target_losses.append(loss_t)
             out[f"recon/{target}"] = loss_t.detach()
@@ -168,7 +179,7 @@ class MsGFM(nn.Module):
             for s_idx, source in enumerate(sensors):  # figure material, split by source sensor
                 pick = torch.nonzero(source_idx == s_idx).flatten()
                 if len(pick):
-                    pick_dev = pick.to(device)
+                    pick_dev = to_device(pick)
                     out["predictions"][source][target] = pred_nCHW.detach().index_select(0, pick_dev)
                     out["targets"][source][target] = target_nCHW.detach().index_select(0, pick_dev)
                     out["sample_index"][source][target] = sample_idx[pick]
@@ -176,7 +187,7 @@ class MsGFM(nn.Module):
         recon_loss = torch.stack(target_losses).mean() + sum(unused)
         num, den, cross = torch.cat(row_num), torch.cat(row_den), torch.cat(row_cross)  # cross: host bools
         for case, chosen in (("self", ~cross), ("cross", cross)):
-            picked = torch.nonzero(chosen).flatten().to(device)
+            picked = to_device(torch.nonzero(chosen).flatten())
             n_rows = int(chosen.sum())
             out[f"count_{case}"] = n_rows
             out[f"recon_{case}"] = (num.index_select(0, picked).sum() / den.index_select(0, picked).sum().clamp(
