@@ -113,3 +113,19 @@ def test_cli_writes_stats_from_a_glob(tmp_path, capsys):
     assert "rgb" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no shard matches"):
         expand_shard_args([str(tmp_path / "none" / "*.h5")])
+
+
+def test_integer_histograms_merge_shards_of_different_scale_and_offset(tmp_path):
+    """int16 DSMs in decimetres and in centimetres + 5 m: one set of statistics in metres."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(-500, 3000, (4, 1, 9, 9), dtype=np.int16)
+    b = rng.integers(-500, 30000, (3, 1, 9, 9), dtype=np.int16)
+    a[0, 0, 0, :3] = -32768  # nodata
+    paths = [write_shard(tmp_path / "a.h5", "dsm", {"dsm": a}, nodata={"dsm": -32768}, scale={"dsm": 0.1}),
+             write_shard(tmp_path / "b.h5", "dsm", {"dsm": b}, nodata={"dsm": -32768}, scale={"dsm": 0.01},
+                         offset={"dsm": 5.0})]
+    got = load_stats(write_stats(paths, progress=False)).sensor("dsm")
+    physical = np.concatenate([a[a != -32768] * 0.1, b.ravel() * 0.01 + 5.0])
+    np.testing.assert_allclose(got.mean, [physical.mean()], rtol=1e-12)
+    np.testing.assert_allclose(got.std, [physical.std()], rtol=1e-12)
+    assert got.valid_pixels == (physical.size,)
