@@ -30,6 +30,7 @@ from msgfm.data.scheduler import (CorruptTracker, FixedBatchSampler, GroupOrder,
                                   StepRangeBatchSampler, resolve_group_batches, split_train_val)
 from msgfm.data.stats import MissingStatsError, Stats, default_stats_path, load_stats
 from msgfm.data.transforms import SampleTransform
+from msgfm.sensors import get_sensor
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,10 @@ def _check_group(cfg: RunConfig, group: DataGroupConfig, data_root: Path, proble
     try:
         stats = load_stats(summary.stats_path, hint=hint)
         for sensor in group.sensors:
-            stats.sensor(sensor)
+            bands = stats.sensor(sensor).bands
+            if bands != get_sensor(sensor).bands:
+                raise ValueError(f"{stats.path}: statistics of sensor '{sensor}' are for bands {list(bands)}, "
+                                 f"the sensor has {list(get_sensor(sensor).bands)}; run `msgfm stats {hint}` again")
     except (MissingStatsError, ValueError) as err:
         problems.append(f"{where}: {err}")
         return summary
