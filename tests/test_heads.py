@@ -40,6 +40,11 @@ def test_upernet_shapes_and_grads(size, norm):
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats)  # every stage is used
 
 
+def test_upernet_group_norm_runs_at_batch_one():
+    head = UPerNetHead(CHANNELS, num_classes=6, channels=16, norm="gn").eval()
+    assert head(_features(1, 64)).shape == (1, 6, 16, 16)  # the 1x1 pyramid level normalizes over 4 channels
+
+
 def test_upernet_rejects_wrong_stage_count():
     head = UPerNetHead(CHANNELS, num_classes=6, channels=16)
     with pytest.raises(ValueError, match="4 stages"):

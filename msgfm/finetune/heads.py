@@ -29,8 +29,9 @@ def _norm(kind: Norm, channels: int) -> nn.Module:
     if kind == "bn":
         return nn.BatchNorm2d(channels)
     if kind == "gn":
-        # GroupNorm does not depend on the batch: useful at batch 1-2 per device.
-        return nn.GroupNorm(min(32, channels), channels)
+        # GroupNorm does not depend on the batch: useful at batch 1-2 per device. At least 4 channels per
+        # group, so that a 1x1 map (the pyramid pooling's coarsest level) still normalizes over 4 values.
+        return nn.GroupNorm(max(1, min(32, channels // 4)), channels)
     raise ValueError(f"head norm must be 'bn' or 'gn', got '{kind}'")
 
 
