@@ -36,6 +36,7 @@ def test_kernel_sources_are_found():
 
 @pytest.mark.nvcc
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # a cold build takes minutes on 2 busy cores (210 s measured)
 def test_extension_compiles_with_nvcc():
     cuda_home = kernel_build.find_cuda_home()
     if cuda_home is None or torch.version.cuda is None:

@@ -96,3 +96,15 @@ def test_fused_window_process_glue_is_a_permutation_pair(fake_extension):
     grad = torch.randn_like(x)
     merged.backward(grad)
     torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)  # merge's backward undoes partition's
+
+
+def test_a_stale_ahead_of_time_build_is_not_used(monkeypatch, caplog):
+    from msgfm.ops import kernel_build
+
+    current = SimpleNamespace(__file__="aot.so", source_digest=kernel_build.source_digest())
+    stale = SimpleNamespace(__file__="aot.so", source_digest="d0000000000000000")
+    monkeypatch.setattr(fused.importlib, "import_module", lambda name: current)
+    assert fused._ahead_of_time_build() is current
+    monkeypatch.setattr(fused.importlib, "import_module", lambda name: stale)
+    assert fused._ahead_of_time_build() is None
+    assert "predates the sources" in caplog.text
