@@ -87,7 +87,7 @@ def resolve_fused(requested: str, device: torch.device, key: str, fallback: str)
     """Shared by the attention and window-process switches: ``auto``/``fused`` -> a concrete choice.
 
     ``auto`` takes ``fused`` on a CUDA device when the extension is available, else ``fallback``
-    (with one warning per reason when a CUDA device is there but the extension is not);
+    (with one warning per process when a CUDA device is there but the extension is not);
     ``fused`` raises :class:`FusedUnavailableError` with the reason. Each choice is logged once.
     """
     choice = requested
@@ -101,10 +101,10 @@ def resolve_fused(requested: str, device: torch.device, key: str, fallback: str)
                                         f"Set {key}={fallback} (or auto to fall back automatically)")
         else:
             choice = fallback
-            if device.type == "cuda" and (key, reason) not in _logged_choices:
-                _logged_choices.add((key, reason))
-                warnings.warn(f"{key}=auto: the fused CUDA kernels are unavailable, using {fallback}: {reason}",
-                              RuntimeWarning, stacklevel=3)
+            if device.type == "cuda" and ("fallback", reason) not in _logged_choices:
+                _logged_choices.add(("fallback", reason))  # one warning for all the auto switches
+                warnings.warn(f"the fused CUDA kernels are unavailable, so kernels.attention=auto uses sdpa and "
+                              f"kernels.window_process=auto uses torch: {reason}", RuntimeWarning, stacklevel=3)
     if (key, requested, choice) not in _logged_choices:
         _logged_choices.add((key, requested, choice))
         log.info("%s: %s (requested %s, device %s)", key, choice, requested, device.type)
