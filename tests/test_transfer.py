@@ -18,12 +18,13 @@ from msgfm.models import build_pretrain_model
 def pretrained():
     """A tiny MoE msGFM (demo_cpu) with its 4 sensor embeddings, in eval mode."""
     torch.manual_seed(0)
-    run_cfg = load_config("demo_cpu", ["model.moe.expert_parallel_size=1"])
+    # evaluation drops no token in fine-tuning (eval capacity = number of experts): the same here
+    run_cfg = load_config("demo_cpu", ["model.moe.expert_parallel_size=1", "model.moe.eval_capacity_factor=4"])
     return run_cfg, build_pretrain_model(run_cfg).eval()
 
 
 def _seeded(fn, *args):
-    """DeepSpeed's gate drops over-capacity tokens at random (RTS), in eval too: same seed, same drops."""
+    """Any token dropping by DeepSpeed's gate is random (RTS), in eval too: same seed, same drops."""
     torch.manual_seed(123)
     with torch.no_grad():
         return fn(*args)
@@ -139,6 +140,20 @@ def test_build_from_checkpoint_folder_uses_its_architecture(pretrained, tmp_path
     assert all(p.requires_grad for p in model.head.parameters())
     with pytest.raises(ValueError, match="--pretrained"):
         build_finetune_model(cfg, None)
+
+
+def test_evaluation_drops_no_token(pretrained):
+    run_cfg, pre = pretrained
+    model, _ = _finetune(run_cfg, pre, "task.sensors=[s2]")
+    moe = next(m for m in model.encoder.moe_layers().values())
+    assert moe.moe.deepspeed_moe.gate.eval_capacity_factor == 4.0
+    x = torch.randn(3, 12, 64, 64)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        one_batch = model({"s2": x})
+        torch.manual_seed(2)  # another RNG state and batches of one: the same scores
+        one_by_one = torch.cat([model({"s2": x[i:i + 1]}) for i in range(3)])
+    torch.testing.assert_close(one_batch, one_by_one, atol=1e-5, rtol=1e-5)
 
 
 def test_layer_decay_groups(pretrained):

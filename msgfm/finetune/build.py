@@ -42,7 +42,10 @@ def checkpoint_model_config(client_state: Mapping[str, Any]) -> dict[str, Any] |
 def encoder_config(cfg: FinetuneConfig, pretrained_model: Mapping[str, Any] | None) -> ModelConfig:
     """The fine-tuning encoder's config: the checkpoint's architecture + the task's size and drop path.
 
-    MoE experts all live on every rank during fine-tuning (``expert_parallel_size=1``).
+    MoE experts all live on every rank during fine-tuning (``expert_parallel_size=1``), and evaluation
+    drops no token: ``eval_capacity_factor`` = number of experts gives every expert room for all tokens,
+    so scores depend neither on the evaluation batch size and its split over ranks nor on the RNG
+    (DeepSpeed's gate picks the tokens to drop at random).
     """
     if pretrained_model is None:
         tree = dataclasses.asdict(cfg.model)
@@ -51,7 +54,10 @@ def encoder_config(cfg: FinetuneConfig, pretrained_model: Mapping[str, Any] | No
         for key in FINETUNE_MODEL_KEYS:
             tree[key] = getattr(cfg.model, key)
         tree["sensors"] = []  # the fine-tuning model has its own embeddings
-    tree.setdefault("moe", {})["expert_parallel_size"] = 1
+    moe = tree.setdefault("moe", {})
+    moe["expert_parallel_size"] = 1
+    experts = moe.get("num_experts", cfg.model.moe.num_experts)
+    moe["eval_capacity_factor"] = max(float(experts), float(moe.get("eval_capacity_factor", 0.0)))
     if isinstance(tree["moe"].get("blocks"), dict):  # JSON/YAML round trips may turn stage keys into str
         tree["moe"]["blocks"] = {int(k): v for k, v in tree["moe"]["blocks"].items()}
     return _from_dict(ModelConfig, tree, "model")
