@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="fine-tuning config name or YAML (default: ft_<task>)")
     parser.add_argument("--pretrained", default=None, help="pretraining checkpoint folder or run folder")
     parser.add_argument("--data-root", default=None, help="folder of the task's shards (default: data.root)")
-    parser.add_argument("--output-dir", default=None, help="checkpoints, MLflow store, figures (default: runs/ft_<task>)")
+    parser.add_argument("--output-dir", default=None,
+                        help="checkpoints, MLflow store, figures (default: runs/ft_<task>)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the val and test splits")
     parser.add_argument("--checkpoint", default=None, help="with --eval-only: a fine-tuning run folder or weights")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")

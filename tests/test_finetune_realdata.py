@@ -57,8 +57,9 @@ def test_ben_finetune_mlflow_resume_and_eval_only(single_rank_dist, ben_shards, 
     assert all(0 < r["val/mAP_micro"] <= 1 and 0 < r["val/mAP_macro"] <= 1 for r in val)
     best = json.loads((out / "best" / "metrics.json").read_text())
     assert best["mAP_micro"] == pytest.approx(max(r["val/mAP_micro"] for r in val))
-    print(f"\nTINY-REAL ben: mAP_micro={best['mAP_micro']:.4f} mAP_macro={best['mAP_macro']:.4f} "
-          f"(classes without positives: {best['classes_without_positives']:.0f} of 19)")
+    with capsys.disabled():
+        print(f"\nTINY-REAL ben: mAP_micro={best['mAP_micro']:.4f} mAP_macro={best['mAP_macro']:.4f} "
+              f"(classes without positives: {best['classes_without_positives']:.0f} of 19)")
 
     from mlflow import MlflowClient
 
@@ -125,7 +126,8 @@ def test_spacenet_building_segmentation_real_mask(single_rank_dist, realdata, tm
     out = tmp_path / "run"
     assert finetune("ft_spacenet_buildings_tiny", ["tracking.enabled=false", "schedule.epochs=2",
                                                    "schedule.warmup_epochs=0", "train.max_steps=6",
-                                                   "train.max_eval_batches=3", "task.eval_overlap=0"], "ds_configs/cpu.json",
+                                                   "train.max_eval_batches=3", "task.eval_overlap=0"],
+                    "ds_configs/cpu.json",
                     task_name="spacenet_buildings", pretrained=str(write_pretraining_checkpoint(tmp_path / "pre")),
                     data_root=str(shards), output_dir=str(out)) == 0
     best = json.loads((out / "best" / "metrics.json").read_text())

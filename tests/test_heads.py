@@ -15,7 +15,8 @@ def _features(batch: int, size: int, channels=CHANNELS) -> list[torch.Tensor]:
 
 
 def _assert_all_grads(module: torch.nn.Module) -> None:
-    missing = [n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    missing = [n for n, p in module.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
     assert not missing, f"parameters without gradient: {missing}"
 
 

@@ -129,7 +129,8 @@ def test_build_from_checkpoint_folder_uses_its_architecture(pretrained, tmp_path
     run_cfg, pre = pretrained
     ckpt = tmp_path / "step00000010"
     ckpt.mkdir()
-    torch.save({"module": pre.state_dict(), "msgfm": {"config": run_cfg.to_dict()}}, ckpt / "mp_rank_00_model_states.pt")
+    torch.save({"module": pre.state_dict(), "msgfm": {"config": run_cfg.to_dict()}},
+               ckpt / "mp_rank_00_model_states.pt")
     # the task config asks for another width: the checkpoint's architecture wins (only size/window/drop path apply)
     cfg = _ft_cfg("task.sensors=[s2]", "model.embed_dim=48", "model.num_heads=[2, 4, 8, 16]",
                   "transfer.freeze_encoder=true")
@@ -191,3 +192,24 @@ def test_train_fraction_is_seeded_and_saved(tmp_path, fraction, expected):
         assert select_train_fraction(ids, fraction, seed=4, path=tmp_path / "other.txt") != chosen
         with pytest.raises(ValueError, match="other settings"):
             select_train_fraction(ids, fraction, seed=4, path=path)
+
+
+def test_timm_baseline_gives_timm_features(tmp_path):
+    import timm
+
+    timm_model = timm.models.swin_transformer.SwinTransformer(
+        img_size=64, patch_size=4, in_chans=12, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+        window_size=4, num_classes=0).eval()
+    weights = tmp_path / "swin_tiny_s2.pth"
+    torch.save(timm_model.state_dict(), weights)
+    cfg = _ft_cfg("task.sensors=[s2]", "model.moe.enabled=false", "transfer.init=timm",
+                  f"transfer.timm_weights={weights}")
+    model, report = build_finetune_model(cfg)
+    assert report.embeddings_from == {"s2": "pretrained"} and not report.interpolated
+    x = torch.randn(2, 12, 64, 64)
+    with torch.no_grad():
+        ours = model.eval().features({"s2": x})[-1]
+        theirs = timm_model.forward_features(x).permute(0, 3, 1, 2)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="timm Swin weights are dense"):
+        build_finetune_model(_ft_cfg("transfer.init=timm", f"transfer.timm_weights={weights}"))

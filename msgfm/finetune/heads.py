@@ -64,7 +64,8 @@ class LinearHead(nn.Module):
 class PyramidPooling(nn.Module):
     """PSPNet's pyramid pooling: average-pool to each scale, 1x1 conv, upsample, concat, 3x3 fuse."""
 
-    def __init__(self, in_channels: int, channels: int, scales: Sequence[int] = (1, 2, 3, 6), norm: Norm = "bn") -> None:
+    def __init__(self, in_channels: int, channels: int, scales: Sequence[int] = (1, 2, 3, 6),
+                 norm: Norm = "bn") -> None:
         super().__init__()
         self.stages = nn.ModuleList(
             nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvNormAct(in_channels, channels, 1, norm)) for s in scales)
@@ -72,7 +73,8 @@ class PyramidPooling(nn.Module):
 
     def forward(self, x_BCHW: Tensor) -> Tensor:
         size = x_BCHW.shape[-2:]
-        pooled = [F.interpolate(stage(x_BCHW), size=size, mode="bilinear", align_corners=False) for stage in self.stages]
+        pooled = [F.interpolate(stage(x_BCHW), size=size, mode="bilinear", align_corners=False)
+                  for stage in self.stages]
         return self.fuse(torch.cat([x_BCHW, *pooled], dim=1))
 
 

@@ -127,7 +127,7 @@ class SegmentationMetrics(Metric):
         if pred.shape != target_BHW.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target_BHW.shape)} differ in shape")
         target = target_BHW.long()
-        valid = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None else target != self.ignore_index
         out_of_range = valid & ((target < 0) | (target >= self.num_classes))
         if out_of_range.any():
             raise ValueError(f"target holds labels {sorted(target[out_of_range].unique().tolist())} outside "

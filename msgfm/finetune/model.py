@@ -44,7 +44,8 @@ class FinetuneModel(nn.Module):
         if method == "stack":
             self.embed = PatchEmbed(sum(self.channels.values()), dim, patch, norm_layer)
         else:
-            self.embeddings = nn.ModuleDict({s: PatchEmbed(c, dim, patch, norm_layer) for s, c in self.channels.items()})
+            self.embeddings = nn.ModuleDict({s: PatchEmbed(c, dim, patch, norm_layer)
+                                             for s, c in self.channels.items()})
         self.encoder = SwinEncoder(model_cfg, kernels)
         copies = 1 if method == "stack" else len(self.sensors)
         widths = [dim * 2**i * copies for i in range(len(model_cfg.depths))]

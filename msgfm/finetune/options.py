@@ -9,7 +9,6 @@ training loop multiplies each group's LR by it.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path

@@ -103,8 +103,9 @@ class RestorationTask(Task):
         return (physical_BCHW - self.mean_C11.to(physical_BCHW.device)) / self.std_C11.to(physical_BCHW.device)
 
     def physical(self, normalized_BCHW: Tensor) -> Tensor:
-        out = normalized_BCHW.float() * self.std_C11.to(normalized_BCHW.device) + self.mean_C11.to(normalized_BCHW.device)
-        return out.clamp(*self.cfg.clip_range)
+        device = normalized_BCHW.device
+        physical = normalized_BCHW.float() * self.std_C11.to(device) + self.mean_C11.to(device)
+        return physical.clamp(*self.cfg.clip_range)
 
     def loss(self, output: Tensor, batch: dict[str, Any], device: torch.device) -> Tensor:
         return F.l1_loss(output.float(), self.normalize(batch["target"].to(device)))

@@ -185,8 +185,8 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
                     if aux is not None:
                         values["train/aux_loss"] = aux.item()
                     tracker.log_metrics(values, state["step"])
-                    print(f"epoch {epoch} step {state['step']}/{total_steps} loss {values['train/loss']:.4f} lr {lr:.2e} "
-                          f"{rate:.1f} samples/s ETA {_hms(eta)}", flush=True)
+                    print(f"epoch {epoch} step {state['step']}/{total_steps} loss {values['train/loss']:.4f} "
+                          f"lr {lr:.2e} {rate:.1f} samples/s ETA {_hms(eta)}", flush=True)
             state["epoch"] = epoch + 1
             last = state["step"] >= total_steps
             if val_set is not None and (state["epoch"] % cfg.train.eval_interval_epochs == 0 or last):

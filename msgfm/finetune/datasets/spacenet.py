@@ -141,7 +141,8 @@ def load_buildings(item: tuple[Path, Path], *, size: int, stride: int) -> LoadRe
             raise SkipItem(f"image {image.shape} and mask {mask.shape} are not pixel-aligned")
         pan_HW = image.read(1).astype(np.float32)
         classes_HW = (mask.read(1) > 0).astype(np.uint8)
-    samples = [Sample(sample_id=f"{image_path.stem}_r{r}_c{c}", images={PAN_SENSOR: pan_HW[None, r:r + size, c:c + size]},
+    samples = [Sample(sample_id=f"{image_path.stem}_r{r}_c{c}",
+                      images={PAN_SENSOR: pan_HW[None, r:r + size, c:c + size]},
                       labels={"segmentation": classes_HW[r:r + size, c:c + size]})
                for r, c in tile_offsets(*pan_HW.shape, size, stride)]
     return LoadResult(samples=samples)

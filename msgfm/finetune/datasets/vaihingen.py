@@ -73,7 +73,8 @@ def reference_path(root: Path, area: int, labels: str) -> Path:
 
 def find_areas(root: Path, areas: list[int] | None, labels: str) -> tuple[list[int], list[tuple[str, str]]]:
     """Areas with an ortho photo, a DSM and a reference; the others as (item, reason)."""
-    found = sorted(int(m[1]) for p in (root / "top").glob("top_mosaic_09cm_area*.tif") if (m := _AREA.fullmatch(p.name)))
+    tops = (root / "top").glob("top_mosaic_09cm_area*.tif")
+    found = sorted(int(m[1]) for p in tops if (m := _AREA.fullmatch(p.name)))
     wanted = found if areas is None else areas
     usable, skipped = [], []
     for area in wanted:
