@@ -43,18 +43,20 @@ class AttentionCase:
 def make_attention_case(*, batch: int, height: int, width: int, window_size: int, shift_size: int,
                         channels: int, num_heads: int, seed: int | None = None,
                         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> AttentionCase:
-    """Random qkv and bias table (drawn on the CPU in fp32, so a seed gives the same values on every
-    device), Swin's relative position index, and the shift mask when ``shift_size`` > 0."""
+    """Random qkv and bias table, Swin's relative position index, and the shift mask when
+    ``shift_size`` > 0. With a seed the values are drawn on the CPU in fp32 (the same values on
+    every device); without one they are drawn on ``device`` directly (fast for profiling shapes)."""
     from msgfm.models.swin import relative_position_index, shift_attention_mask
 
     if height % window_size or width % window_size:
         raise ValueError(f"window {window_size} must divide the {height}x{width} feature map")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    draw_on = "cpu" if seed is not None else device
     num_windows = (height // window_size) * (width // window_size)
     N = window_size * window_size
-    qkv_BN3C = torch.randn(batch * num_windows, N, 3 * channels, generator=generator)
+    qkv_BN3C = torch.randn(batch * num_windows, N, 3 * channels, generator=generator, device=draw_on)
     # Std 1, not Swin's 0.02 init: a bias that matters makes the parity checks meaningful.
-    bias_table_TH = torch.randn((2 * window_size - 1) ** 2, num_heads, generator=generator)
+    bias_table_TH = torch.randn((2 * window_size - 1) ** 2, num_heads, generator=generator, device=draw_on)
     mask_WNN = shift_attention_mask(height, width, window_size, shift_size) if shift_size else None
     case = AttentionCase(qkv_BN3C, bias_table_TH, relative_position_index(window_size), mask_WNN, num_heads,
                          (channels // num_heads) ** -0.5)
