@@ -211,5 +211,14 @@ def test_timm_baseline_gives_timm_features(tmp_path):
         ours = model.eval().features({"s2": x})[-1]
         theirs = timm_model.forward_features(x).permute(0, 3, 1, 2)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    # timm weights of another window size (8 here, 12 for Swin-B/384): bias tables resampled on the way in
+    wide = timm.models.swin_transformer.SwinTransformer(
+        img_size=64, patch_size=4, in_chans=12, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+        window_size=8, num_classes=0)
+    torch.save(wide.state_dict(), weights)
+    model, _ = build_finetune_model(cfg)
+    table = wide.layers[0].blocks[0].attn.relative_position_bias_table.detach()
+    torch.testing.assert_close(model.encoder.layers[0].blocks[0].attn.relative_position_bias_table.detach(),
+                               interpolate_bias_table(table, 4))
     with pytest.raises(ValueError, match="timm Swin weights are dense"):
         build_finetune_model(_ft_cfg("transfer.init=timm", f"transfer.timm_weights={weights}"))

@@ -20,8 +20,9 @@ from msgfm.config import ModelConfig, _from_dict
 from msgfm.finetune.config import FinetuneConfig
 from msgfm.finetune.model import FinetuneModel
 from msgfm.finetune.options import freeze
-from msgfm.finetune.transfer import (ENCODER_PREFIX, TransferError, TransferReport, adapt_encoder_state,
-                                     embedding_sensor, sensor_embeddings, stack_embeddings)
+from msgfm.finetune.transfer import (BIAS_TABLE, ENCODER_PREFIX, TransferError, TransferReport,
+                                     adapt_encoder_state, embedding_sensor, interpolate_bias_table, sensor_embeddings,
+                                     stack_embeddings)
 from msgfm.sensors import get_sensor
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,11 @@ def timm_as_pretrain_state(cfg: FinetuneConfig, weights: str | Path) -> dict[str
     model_tree["moe"]["enabled"] = False
     run_cfg = _from_dict(RunConfig, {"model": model_tree, "data": {"groups": []}})
     pretrain = build_pretrain_model(run_cfg)
+    own = pretrain.encoder.state_dict()
+    # timm checkpoints of another window (e.g. 12 for Swin-B/384): resample the bias tables first
+    timm_state = {k: interpolate_bias_table(v, (int(round(own[k].shape[0] ** 0.5)) + 1) // 2)
+                  if k.endswith(BIAS_TABLE) and k in own and own[k].shape != v.shape else v
+                  for k, v in timm_state.items()}
     load_timm_state_dict(pretrain, timm_state, sensor)
     return pretrain.state_dict()
 

@@ -44,7 +44,7 @@ ENCODER_PREFIX = "encoder."
 # Per-sensor patch embeddings in a pretraining state dict: "embeddings.<sensor>.proj.weight" (MsGFM).
 _SENSOR_EMBED = re.compile(r"^(?:.*\.)?(?:embeddings|embeds|patch_embeds)\.(?P<sensor>\w+)\."
                            r"(?P<param>proj\.weight|proj\.bias|norm\.weight|norm\.bias)$")
-_BIAS_TABLE = "relative_position_bias_table"
+BIAS_TABLE = "relative_position_bias_table"
 
 
 class TransferError(ValueError):
@@ -163,7 +163,7 @@ def adapt_encoder_state(checkpoint: Mapping[str, torch.Tensor], model_state: Map
     absent = sorted(set(model) - set(ckpt))
     extra = sorted(set(ckpt) - set(model))
     mismatched = [k for k in sorted(set(ckpt) & set(model))
-                  if ckpt[k].shape != model[k].shape and not k.endswith(_BIAS_TABLE)]
+                  if ckpt[k].shape != model[k].shape and not k.endswith(BIAS_TABLE)]
     if absent or extra or mismatched:
         details = []
         if absent:
