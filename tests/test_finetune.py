@@ -2,6 +2,7 @@
 ft_* config, and end-to-end runs on fixtures in the real Vaihingen and SEN12MS-CR layouts."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from msgfm.finetune.train import finetune
 from msgfm.models import build_pretrain_model
 
 FT_CONFIGS = [n for n in list_configs() if n.startswith("ft_")]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_pretraining_checkpoint(folder: Path) -> Path:
@@ -141,9 +143,11 @@ def test_vaihingen_end_to_end_random_init(single_rank_dist, vaihingen_shards, tm
     table = (out / "outputs" / "epoch0001" / "val_per_class.csv").read_text().splitlines()
     assert table[0] == "class,IoU,F1" and table[2].startswith("building,")
     assert (out / "checkpoints" / "latest").read_text() == "step00000002"  # 2 areas x 1 tile / batch 2, 2 epochs
-    # --eval-only on the fine-tuned run gives the best epoch's numbers again
-    assert _run("ft_vaihingen_tiny", vaihingen_shards, tmp_path / "eval", "transfer.init=random", eval_only=True,
-                checkpoint=str(out)) == 0
+    # --eval-only on the fine-tuned run, through the launcher's main(), gives the best epoch's numbers again
+    assert launcher().main(["--deepspeed_config", "ds_configs/cpu.json", "--task", "vaihingen", "--config",
+                            "ft_vaihingen_tiny", "--data-root", str(vaihingen_shards), "--output-dir",
+                            str(tmp_path / "eval"), "--eval-only", "--checkpoint", str(out),
+                            "tracking.enabled=false"]) == 0
     again = json.loads((tmp_path / "eval" / "eval" / "metrics.json").read_text())["val"]
     assert again["mIoU"] == pytest.approx(best["mIoU"], abs=1e-6)
 
@@ -165,6 +169,44 @@ def test_sen12mscr_end_to_end_from_pretrained(single_rank_dist, tmp_path, capsys
     assert "transfer: " in (out / "transfer.txt").read_text()
 
 
+def launcher():
+    """launchers/finetune.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("finetune_launcher", REPO_ROOT / "launchers" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_launcher_reports_user_errors_in_one_line(tmp_path, capsys):
+    rc = launcher().main(["--deepspeed_config", "ds_configs/cpu.json", "--task", "ben", "--config",
+                          "ft_vaihingen_tiny", "--data-root", str(tmp_path)])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == ("finetune: error: --task ben but config 'ft_vaihingen_tiny' is for "
+                                               "task 'vaihingen'; pass a config of that task (ft_ben*) or override "
+                                               "task.name")
+
+
+def test_layer_decay_reaches_the_deepspeed_optimizer(single_rank_dist):
+    import deepspeed
+
+    from msgfm.finetune.build import encoder_config, new_model
+    from msgfm.finetune.options import lr_scales_applied, param_groups
+    from msgfm.train.ds_config import load_ds_config
+
+    cfg = load_finetune_config("ft_ben_tiny", ["model.moe.enabled=false", "transfer.layer_decay=0.5"])
+    model = new_model(cfg, encoder_config(cfg, None))
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5, depths=model.encoder_depths,
+                          no_weight_decay=model.no_weight_decay())
+    ds_config = {**load_ds_config("ds_configs/cpu.json"), "train_micro_batch_size_per_gpu": 2}
+    ds_config.pop("train_batch_size", None)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1.0),
+                                           config=ds_config, dist_init_required=False)
+    lr_scales_applied(engine.optimizer, 1e-3)
+    lrs = {g["layer_id"]: g["lr"] for g in engine.optimizer.param_groups}
+    assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-3 * 0.5**9)
+    assert sorted(lrs) == list(range(10))
+
+
 def test_wrong_task_and_missing_checkpoint_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="--task ben but config 'ft_vaihingen_tiny' is for task 'vaihingen'"):
         _run("ft_vaihingen_tiny", tmp_path, tmp_path / "o", task_name="ben")
@@ -172,3 +214,14 @@ def test_wrong_task_and_missing_checkpoint_are_clear_errors(tmp_path):
         _run("ft_vaihingen_tiny", tmp_path, tmp_path / "o", eval_only=True)
     with pytest.raises(FileNotFoundError, match="data root"):
         _run("ft_vaihingen_tiny", tmp_path / "nothing", tmp_path / "o")
+
+
+def test_dataset_errors_name_the_shard(vaihingen_shards):
+    stats = load_stats(vaihingen_shards / "stats.json")
+    shards = sorted(vaihingen_shards.glob("*.h5"))
+    cfg = load_finetune_config("ft_vaihingen_tiny", ["task.sensors=[rgb, sar]"])
+    with pytest.raises(ValueError, match=r"vaihingen-00000.h5: task.sensors \['sar'\] are not in this shard"):
+        TaskDataset(shards, cfg.task, stats, train=False)
+    cfg = load_finetune_config("ft_vaihingen_tiny", ["task.label=buildings"])
+    with pytest.raises(ValueError, match="no labels/buildings"):
+        TaskDataset(shards, cfg.task, stats, train=False)

@@ -28,6 +28,7 @@ from msgfm.data.format import LABELS_GROUP, ShardInfo, read_shard_info
 from msgfm.data.stats import Stats, expand_shard_args, load_stats
 from msgfm.data.transforms import SensorNormalizer
 from msgfm.finetune.config import FinetuneConfig, TaskConfig
+from msgfm.sensors import get_sensor
 
 
 class TaskDataset(Dataset):
@@ -135,6 +136,11 @@ def _check_shard(info: ShardInfo, task: TaskConfig) -> None:
                          f"is {task.num_classes}")
     if task.kind == "restoration" and not task.target_label and task.target_sensor not in info.sensors:
         raise ValueError(f"{info.path}: target sensor '{task.target_sensor}' is not in this shard")
+    if task.kind == "restoration" and task.target_label:
+        channels = get_sensor(task.target_sensor).num_channels
+        if info.labels[label].shape[1:2] != (channels,):
+            raise ValueError(f"{info.path}: labels/{label} has shape {info.labels[label].shape[1:]}, the target "
+                             f"sensor '{task.target_sensor}' has {channels} bands")
 
 
 def _normalizer(info: ShardInfo, sensor: str, stats: Stats) -> SensorNormalizer:
