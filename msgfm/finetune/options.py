@@ -10,6 +10,7 @@ training loop multiplies each group's LR by it.
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -104,7 +105,7 @@ def select_train_fraction(ids: Sequence[str], fraction: float, seed: int, path: 
     order = np.random.default_rng(seed).permutation(len(ids))[:count]
     chosen = [ids[i] for i in sorted(order)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # every rank draws the same ids and writes them
     tmp.write_text("\n".join([header, *chosen]) + "\n", encoding="utf-8")
     tmp.replace(path)
     return chosen
