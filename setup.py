@@ -50,7 +50,11 @@ def _ext_modules():
     if kernel_build.export_cuda_home() is None:  # before cpp_extension is imported: it reads CUDA_HOME once
         raise RuntimeError("MSGFM_BUILD_KERNELS=1 but no CUDA toolkit was found: set CUDA_HOME to a folder "
                            "with bin/nvcc, or unset MSGFM_BUILD_KERNELS to compile on first use")
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError as err:  # pip's isolated build environment has no torch
+        raise RuntimeError("MSGFM_BUILD_KERNELS=1 needs torch at build time: run "
+                           "`MSGFM_BUILD_KERNELS=1 pip install --no-build-isolation -e .`") from err
 
     ext = CUDAExtension(
         name=kernel_build.EXTENSION_NAME,
