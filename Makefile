@@ -15,8 +15,11 @@ $(STAMP): setup.py
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
+# README command 1: the sample data, then 2 CPU ranks through the deepspeed launcher (gloo, ZeRO-2,
+# experts split over the ranks). Starts afresh each time (runs/demo is replaced).
 demo: install
 	$(VENV)/bin/msgfm prepare-sample data/sample
+	rm -rf runs/demo
 	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus 2 launchers/pretrain.py \
 		--deepspeed_config ds_configs/cpu.json --config demo_cpu \
 		--data-root data/sample --output-dir runs/demo

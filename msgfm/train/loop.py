@@ -23,7 +23,7 @@ import torch
 from msgfm.config import RunConfig
 from msgfm.train import checkpoint as ckpt
 from msgfm.train.figures import figure_cases, save_reconstruction_figure
-from msgfm.train.metrics import IntervalMetrics, loss_terms
+from msgfm.train.metrics import LOSS_KEYS, IntervalMetrics, loss_terms
 from msgfm.train.optim import set_lr
 from msgfm.train.schedule import LRSchedule
 from msgfm.train.tracking import Tracker
@@ -222,21 +222,27 @@ class Trainer:
             count = torch.tensor([min(local, limit) if limit else local], dtype=torch.long, device=self.device)
             dist.all_reduce(count, op=dist.ReduceOp.MIN)
             n = int(count.item())
-            sums: dict[str, torch.Tensor] = {}
+            # one fixed list of keys on every rank: a rank may see no cross (or self) rows in its batches
+            keys = [*LOSS_KEYS, *(f"recon/{s}" for s in self.cfg.data.group(group).sensors)]
+            sums_K = torch.zeros(len(keys), device=self.device, dtype=torch.float64)
+            counts_K = torch.zeros_like(sums_K)
             for i, batch in enumerate(batches):
                 if i >= n:
                     break
                 images = {s: self._to_device(x) for s, x in batch["images"].items()}
                 valid = {s: v.to(self.device) for s, v in batch.get("valid", {}).items()} or None
-                for key, value in loss_terms(self.engine(images, group, valid=valid)).items():
-                    sums[key] = sums.get(key, 0) + value
-            if not sums or n == 0:
+                terms = loss_terms(self.engine(images, group, valid=valid))
+                for k, key in enumerate(keys):
+                    if key in terms:
+                        sums_K[k] += terms[key].double()
+                        counts_K[k] += 1
+            if n == 0:
                 continue
-            keys = sorted(sums)
-            stacked = torch.stack([sums[k] for k in keys]) / n
-            dist.all_reduce(stacked)
-            for key, value in zip(keys, (stacked / self.world_size).tolist()):
-                results[f"val/{group}/{key}"] = value
+            totals = torch.stack([sums_K, counts_K])
+            dist.all_reduce(totals)
+            for key, total, count in zip(keys, *totals.tolist()):
+                if count > 0:
+                    results[f"val/{group}/{key}"] = total / count
         self.engine.train()
         ckpt.set_rng_state(rng)
         if results:

@@ -64,6 +64,14 @@ def skip_cpu_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def share_cpu_threads() -> None:
+    """CPU ranks on one machine split its cores (torch would give each rank all of them), unless
+    OMP_NUM_THREADS says otherwise."""
+    local_ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if "OMP_NUM_THREADS" not in os.environ and local_ranks > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
@@ -98,6 +106,7 @@ def pretrain(config: str, overrides: Sequence[str], ds_config_path: str, data_ro
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         skip_cpu_shm_comm_op()
+        share_cpu_threads()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
     out = Path(output_dir)
     if dist.get_rank() == 0:
@@ -182,9 +191,19 @@ def start_tracking(trainer: "Trainer", resumed: bool) -> None:
 
 def _print_where(out: Path, tracker: Tracker) -> None:
     latest = ckpt.find_latest(out / "checkpoints")
+    rows = []
+    if (out / "metrics.jsonl").is_file():
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     print("\nDone.", flush=True)
+    if len(losses) >= 2:
+        k = max(1, len(losses) // 5)  # average a fifth of the log points at each end: single steps are noisy
+        first = sum(v for _, v in losses[:k]) / k
+        last = sum(v for _, v in losses[-k:]) / k
+        print(f"  loss:        {first:.4f} (steps {losses[0][0]}-{losses[k - 1][0]}) -> {last:.4f} "
+              f"(steps {losses[-k][0]}-{losses[-1][0]}), summed over the groups", flush=True)
     print(f"  checkpoint:  {latest}", flush=True)
-    print(f"  figures:     {out / 'figures'} (also MLflow artifacts)", flush=True)
+    print(f"  figures:     {out / 'figures'} (also in the MLflow run's artifacts)", flush=True)
     print(f"  metrics:     {out / 'metrics.jsonl'}", flush=True)
     if tracker.uri.startswith("sqlite"):
         print(f"  MLflow run:  {tracker.run_id} in {tracker.uri}\n"
