@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from msgfm.config import load_config
-from msgfm.ops.benchmark import ProfileShape, attention_bytes, parse_shape, swin_stage_shapes
+from msgfm.ops.benchmark import ProfileRow, ProfileShape, attention_bytes, format_table, parse_shape, \
+    swin_stage_shapes, target_summary, write_reports
 
 LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "profile_kernels.py"
 
@@ -62,3 +63,20 @@ def test_on_cpu_it_says_it_needs_cuda_and_exits_2(launcher, capsys, tmp_path):
     assert launcher.main(["--out-dir", str(tmp_path)]) == 2
     assert "no CUDA device is visible" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing measured, nothing written
+
+
+def _row(op: str, impl: str, median_ms: float, pass_: str = "fwd+bwd") -> ProfileRow:
+    return ProfileRow(shape="stage1", op=op, impl=impl, pass_=pass_, median_ms=median_ms, p10_ms=median_ms,
+                      p90_ms=median_ms, peak_mib=1.0, gbs=100.0, pct_copy_bw=10.0, speedup=1.0)
+
+
+def test_target_summary_and_reports_from_rows(tmp_path):
+    rows = [_row("attention", "eager", 3.0), _row("attention", "sdpa", 1.2), _row("attention", "fused", 1.0),
+            _row("window_process", "torch", 1.0)]
+    lines = target_summary(rows)
+    assert lines[0].endswith("3.00x (target >= 2.0x: met)")
+    assert lines[1].endswith("1.20x (target >= 1.3x: NOT met)")
+    assert "not measured" in lines[2]
+    assert format_table(rows).count("\n") == 2 + len(rows)
+    md_path, json_path = write_reports(rows, {"device": "test"}, tmp_path)
+    assert "NOT met" in md_path.read_text() and '"targets"' in json_path.read_text()

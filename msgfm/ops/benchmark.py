@@ -222,6 +222,26 @@ def write_trace(shape: ProfileShape, dtype: torch.dtype, attention_impls: list[s
     prof.export_chrome_trace(str(path))
 
 
+# Issue 5, section 6: at the stage-1 shape, fwd+bwd, (op, impl, baseline impl, minimum speedup).
+TARGETS = (("attention", "fused", "eager", 2.0), ("attention", "fused", "sdpa", 1.3),
+           ("window_process", "fused", "torch", 2.0))
+
+
+def target_summary(rows: list[ProfileRow], shape_name: str = "stage1") -> list[str]:
+    """One line per target: the measured fwd+bwd speedup at ``shape_name`` and whether it is met."""
+    median = {(r.op, r.impl): r.median_ms for r in rows if r.shape == shape_name and r.pass_ == "fwd+bwd"}
+    lines = []
+    for op, impl, baseline, minimum in TARGETS:
+        if (op, impl) not in median or (op, baseline) not in median:
+            lines.append(f"{op} {impl} vs {baseline} at {shape_name}: not measured (target >= {minimum}x)")
+            continue
+        speedup = median[(op, baseline)] / median[(op, impl)]
+        verdict = "met" if speedup >= minimum else "NOT met"
+        lines.append(f"{op} {impl} vs {baseline} at {shape_name}, fwd+bwd: {speedup:.2f}x "
+                     f"(target >= {minimum}x: {verdict})")
+    return lines
+
+
 def format_table(rows: list[ProfileRow]) -> str:
     """A markdown table, one line per row."""
     header = ("| shape | op | impl | pass | median ms | p10 ms | p90 ms | speedup | peak MiB | GB/s | % copy BW |\n"
@@ -236,8 +256,11 @@ def write_reports(rows: list[ProfileRow], meta: dict, out_dir: Path) -> tuple[Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, json_path = out_dir / "profile_kernels.md", out_dir / "profile_kernels.json"
     lines = [f"- {key}: {value}" for key, value in meta.items()]
-    md_path.write_text("# Kernel profile\n\n" + "\n".join(lines) + "\n\n" + format_table(rows))
-    json_path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    targets = target_summary(rows)
+    md_path.write_text("# Kernel profile\n\n" + "\n".join(lines) + "\n\n" + format_table(rows) +
+                       "\n## Targets (issue 5)\n\n" + "\n".join(f"- {line}" for line in targets) + "\n")
+    json_path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows], "targets": targets},
+                                    indent=2))
     return md_path, json_path
 
 
@@ -288,8 +311,7 @@ def profile_kernels(shapes: list[ProfileShape], dtype: torch.dtype, out_dir: Pat
               f"heads={shape.num_heads} window={shape.window_size} shift={shape.shift_size} "
               f"({shape.num_windows} windows)", flush=True)
         rows += profile_shape(shape, dtype, attention_impls, process_impls, copy_gbs, warmup, iters)
-    table = format_table(rows)
-    print(table, flush=True)
+    print(format_table(rows) + "\n" + "\n".join(target_summary(rows)), flush=True)
     artifacts = list(write_reports(rows, meta, out_dir))
     if trace_shape is not None:
         trace_path = out_dir / f"trace_{trace_shape.name}.json"
