@@ -11,7 +11,9 @@
 //   out_BNC [B_, N, C] = softmax(S) v, written where the output projection reads it
 //   lse_BHN [B_, H, N]  = row log-sum-exp of S, the only thing kept for backward
 //
-// One thread block per (window, head); one thread per token row. K and V (or Q and
+// Forward: one thread block per (window, head); backward: one per (kBwdWindowsPerBlock
+// windows, head) when the bias sum fits in shared memory, else per (window, head).
+// One thread per token row. K and V (or Q and
 // dO in the second backward phase) are staged through shared memory in tiles of
 // kTile rows as fp32, and every thread of a warp reads the same shared element at
 // a time (a broadcast, no bank conflicts). The softmax is computed online (running
