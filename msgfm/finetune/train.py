@@ -38,6 +38,7 @@ from msgfm.finetune.options import lr_scales_applied, param_groups, select_train
 from msgfm.finetune.tasks import build_task
 from msgfm.train import checkpoint as ckpt
 from msgfm.train import ds_config as dsc
+from msgfm.train.run import git_commit, seed_everything
 from msgfm.train.schedule import LRSchedule
 from msgfm.train.tracking import Tracker
 
@@ -91,7 +92,7 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
     ds_config = _ds_config_for(cfg, ds_config_path, moe, on_gpu)
     rank, world = _init_process_group(on_gpu)
     out = Path(output_dir)
-    torch.manual_seed(cfg.train.seed)  # same initial head weights on every rank
+    seed_everything(cfg.train.seed)  # same initial head weights on every rank
     stats = task_stats(cfg, root)
     task_cfg = cfg.task
     if eval_only:
@@ -133,6 +134,7 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
     optimizer = cls(groups, lr=cfg.train.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, **extra)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)
+    seed_everything(cfg.train.seed + 1000 * rank)  # flips, crops, drop path and MoE token choice differ per rank
     schedule = LRSchedule(cfg.schedule, steps_per_epoch=steps_per_epoch, reference_lr=cfg.train.lr)
     total_steps = schedule.total_steps if cfg.train.max_steps is None else min(cfg.train.max_steps,
                                                                                schedule.total_steps)
@@ -312,7 +314,6 @@ def _evaluate_only(cfg, model, task, root, stats, out, rank, world, resize) -> i
 
 def _start_tracking(cfg, tracker, out, ds_config, report, opt_name, world, num_train, steps_per_epoch, total_steps,
                     resumed: bool) -> None:
-    from msgfm.train.run import git_commit
 
     out.mkdir(parents=True, exist_ok=True)
     save_finetune_config(cfg, out / "config.yaml")
