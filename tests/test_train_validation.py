@@ -90,9 +90,10 @@ def test_launcher_reports_one_line_and_exit_code(tiny):
     assert "pretrain: error: data root" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_dry_run_paper_setup_for_8_v100():
+def test_dry_run_paper_setup_for_8_v100(tmp_path):
     proc = subprocess.run([sys.executable, "launchers/pretrain.py", "--deepspeed_config", "ds_configs/v100x8.json",
-                           "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--dry-run", "--data-root", str(tmp_path / "absent")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "world size 8" in out and "ZeRO-2 with MoE" in out and "precision fp16" in out
@@ -102,7 +103,7 @@ def test_dry_run_paper_setup_for_8_v100():
     active_m = float(encoder.split("active ")[1].split("M")[0])
     assert 210 < total_m < 230 and 85 < active_m < 92
     assert "params     (P_d + P_e/E) * 2" in out and "optimizer  P_d*12/W" in out
-    assert "steps per epoch: data root data is missing here" in out
+    assert f"steps per epoch: data root {tmp_path / 'absent'} is missing here" in out
 
 
 def test_dry_run_catches_a_bad_world_size():
