@@ -32,6 +32,7 @@ class FinetuneModel(nn.Module):
         super().__init__()
         if method not in ("stack", "separate"):
             raise ValueError(f"transfer.method must be 'stack' or 'separate', got '{method}'")
+        self.model_cfg = model_cfg  # the encoder as built (from the checkpoint's architecture)
         self.sensors = list(sensors)
         self.method = method
         self.kind = kind

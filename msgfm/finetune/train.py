@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
+from msgfm.config import ModelConfig
 from msgfm.finetune.build import build_finetune_model
 from msgfm.finetune.config import FinetuneConfig, load_finetune_config, save_finetune_config
 from msgfm.finetune.data import TaskDataset, make_loader, split_paths, task_stats
@@ -98,7 +99,9 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
     if eval_only:
         cfg.transfer.init = "random"  # weights come from the fine-tuned checkpoint
         pretrained = None
+        cfg.model = _fine_tuned_model_config(checkpoint, cfg.model)
     model, report = build_finetune_model(cfg, pretrained)
+    cfg.model = model.model_cfg  # what config.yaml and the checkpoints record: the encoder actually built
     img_size = model.encoder.img_size
     task = build_task(task_cfg, stats, img_size)
     resize = img_size if task_cfg.kind == "multilabel" else 0
@@ -253,6 +256,17 @@ def _save_best(model: torch.nn.Module, folder: Path, result: dict[str, Any], epo
     (folder / "metrics.json").write_text(json.dumps({"epoch": epoch, **scalars(result)}, indent=1))
     tracker.log_artifact(lambda: folder / "model.pt", "best")
     tracker.log_artifact(lambda: folder / "metrics.json", "best")
+
+
+def _fine_tuned_model_config(checkpoint: str | Path, default: ModelConfig) -> ModelConfig:
+    """The encoder config a fine-tuning run recorded in its config.yaml (the checkpoint's architecture)."""
+    path = Path(checkpoint)
+    run_dir = path if path.is_dir() else path.parent.parent  # <run>/best/model.pt -> <run>
+    if (run_dir / "config.yaml").is_file():
+        return load_finetune_config(run_dir / "config.yaml").model
+    print(f"--eval-only: no config.yaml in {run_dir}; building the encoder from the task config's model section",
+          flush=True)
+    return default
 
 
 def _fine_tuned_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
