@@ -92,10 +92,14 @@ def _print_steps(cfg: RunConfig, data_root: Path, world_size: int, batches: dict
     except ValueError as err:
         print(f"steps per epoch: not computed, the data under {data_root} has problems:\n{err}")
         return
+    from msgfm.data.scheduler import GroupOrder, split_train_val
+
     per_group = {}
-    for name, summary in summaries.items():
-        train = summary.num_samples - int(summary.num_samples * cfg.data.val_fraction)
-        per_group[name] = (train // world_size) // batches[name]
+    for position, (name, summary) in enumerate(summaries.items()):
+        train_idx, _ = split_train_val(summary.num_samples, cfg.data.val_fraction, cfg.train.seed, position)
+        order = GroupOrder(indices=train_idx, batch_size=batches[name], rank=0, world_size=world_size,
+                           seed=cfg.train.seed, group_position=position)
+        per_group[name] = order.batches_per_epoch
     steps = max(per_group.values())
     print(f"steps per epoch (largest group seen once): {steps} (batches per group per rank: {per_group}); "
           f"{cfg.schedule.epochs} epochs = {steps * cfg.schedule.epochs:,} steps")
