@@ -111,6 +111,16 @@ def test_other_window_interpolates_bias_tables(pretrained):
         assert model({"s2": torch.randn(1, 12, 64, 64)}).shape == (1, 19)
 
 
+def test_other_image_size(pretrained):
+    run_cfg, pre = pretrained
+    model, report = _finetune(run_cfg, pre, "task.sensors=[s2]", "model.img_size=128")
+    # stage 3 of the 64 px checkpoint attended over its whole 2x2 grid (window 2); at 128 px the
+    # grid is 4x4 and the window 4: only that stage's tables are resampled
+    assert report.interpolated and all(k.startswith("encoder.layers.3.") for k in report.interpolated)
+    with torch.no_grad():
+        assert model({"s2": torch.randn(1, 12, 128, 128)}).shape == (1, 19)
+
+
 def test_other_architecture_is_a_clear_error(pretrained):
     run_cfg, pre = pretrained
     cfg = _ft_cfg("task.sensors=[s2]", "model.depths=[2, 2, 4, 2]")
