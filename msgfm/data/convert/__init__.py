@@ -15,6 +15,10 @@ KINDS = {
     "raster-pair": "msgfm.data.convert.raster_pair",
     "imagefolder": "msgfm.data.convert.imagefolder",
     "geotiff": "msgfm.data.convert.geotiff",
+    # downstream datasets (msgfm/finetune/datasets); spacenet also registers spacenet-buildings
+    "vaihingen": "msgfm.finetune.datasets.vaihingen",
+    "sen12mscr": "msgfm.finetune.datasets.sen12mscr",
+    "spacenet": "msgfm.finetune.datasets.spacenet",
 }
 
 
