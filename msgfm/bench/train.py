@@ -1,8 +1,8 @@
 """Training throughput: samples/s per group and total, where the time goes, and MFU on GPU.
 
     python -m msgfm.bench.train                                  # CPU: demo_cpu, 1 process
-    deepspeed --num_gpus 2 -m msgfm.bench.train                  # CPU: demo_cpu, 2 ranks, experts split
-    deepspeed --num_gpus 8 -m msgfm.bench.train --config msgfm_swinb_192 --deepspeed_config ds_configs/v100x8.json
+    deepspeed --num_gpus 2 --module msgfm.bench.train                 # CPU: demo_cpu, 2 ranks, experts split
+    deepspeed --num_gpus 8 --module msgfm.bench.train --config msgfm_swinb_192 --deepspeed_config ds_configs/v100x8.json
 
 Without ``--data-root`` (or when it is missing) the benchmark writes synthetic shards of the
 config's size to a temporary folder (msgfm.train.synthetic): it measures the engine, not disk.
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _init_process_group(on_gpu: bool) -> None:
     import deepspeed
 
-    from msgfm.train.run import skip_cpu_shm_comm_op
+    from msgfm.train.run import share_cpu_threads, skip_cpu_shm_comm_op
 
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(29700 + os.getpid() % 200))):
@@ -65,6 +65,7 @@ def _init_process_group(on_gpu: bool) -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     else:
         skip_cpu_shm_comm_op()
+        share_cpu_threads()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
 
 
@@ -75,7 +76,7 @@ def _sync(on_gpu: bool) -> float:
 
 
 def count_step_flops(trainer, step_batches) -> dict[str, float]:
-    """FLOPs of one training step per group (forward + backward), counted on the real engine."""
+    """Run one (untimed) training step, counting each group's forward + backward FLOPs on the real engine."""
     from torch.utils.flop_counter import FlopCounterMode
 
     flops = {}
@@ -85,9 +86,8 @@ def count_step_flops(trainer, step_batches) -> dict[str, float]:
         with FlopCounterMode(display=False) as counter:
             out = engine(images, group)
             engine.backward(out["loss"])
-        engine.optimizer.zero_grad() if hasattr(engine.optimizer, "zero_grad") else None
+        engine.step()
         flops[group] = float(counter.get_total_flops())
-    engine.zero_grad() if hasattr(engine, "zero_grad") else None
     return flops
 
 
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
     trainer = build_trainer(cfg, ds_config, data_root, Path(tmp.name) / "out", tracking=False)
     engine = trainer.engine
-    from deepspeed.comm import comms_logger
+    from deepspeed.comm.comm import comms_logger
+    from deepspeed.comm.comm import timers as comm_timers
 
     batches = iter(trainer.data.train)
 
@@ -141,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats()
     times: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     samples: dict[str, int] = defaultdict(int)
-    comm_ms = 0.0
     total_start = None
     for step in range(args.warmup + args.steps):
         timed = step >= args.warmup
         if step == args.warmup:
-            comms_logger.comms_dict.clear()
+            for name in comm_timers.timers:  # DeepSpeed's per-op timers accumulate (ms) until reset
+                comm_timers(name).reset()
             total_start = _sync(on_gpu)
         t0 = _sync(on_gpu)
         step_batches = next_batches()
@@ -168,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[group]["optimizer step"] += t3 - t2
                 samples[group] += next(iter(images.values())).shape[0] * world
     total = _sync(on_gpu) - total_start
-    for record in comms_logger.comms_dict.values():
-        for count, latencies, *_ in record.values():
-            comm_ms += sum(latencies)
+    comm_ms = sum(comm_timers(name).elapsed(reset=False) for name in comms_logger.comms_dict)
     if rank != 0:
         return 0
     device = torch.cuda.get_device_name() if on_gpu else f"CPU ({os.cpu_count()} cores, torch threads " \
