@@ -59,6 +59,7 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
 
     def fit(self) -> None:
+        """Train until ``total_steps``: validation and a checkpoint at every epoch end, one at the end."""
         steps_per_epoch = self.schedule.steps_per_epoch
         while self.step < self.total_steps:
             epoch_done = True
@@ -91,6 +92,7 @@ class Trainer:
             self.save()
 
     def train_step(self, step_batches: list[tuple[str, dict]]) -> None:
+        """One outer step: every group's batch, in config order (metrics stay on the device)."""
         cfg, engine = self.cfg, self.engine
         log_now = self._is_log_step(self.step + 1)
         figure_now = self.rank == 0 and self.tracker.active and (self.step + 1) % cfg.tracking.figure_interval == 0
@@ -137,6 +139,7 @@ class Trainer:
         self.metrics.steps += 1
 
     def after_step(self) -> None:
+        """Logging, figures and the interval checkpoint after ``self.step`` completed steps."""
         cfg = self.cfg
         if self._is_log_step(self.step):
             self.check_finite()
