@@ -153,6 +153,9 @@ def test_mlflow_run_contents(runs):
     missing = [k for k in expected if k not in metrics]
     assert not missing, f"metrics missing from MLflow: {missing}"
     assert any(k in metrics for k in ("train/sen12ms/recon_cross", "train/sen12ms/recon_self"))
+    # per sensor, split into self and cross reconstruction (train and held-out)
+    assert {"train/sen12ms/recon_cross/s2", "train/sen12ms/recon_self/s2", "train/mdas/recon_cross/dsm"} <= set(metrics)
+    assert any(k.startswith("val/mdas/recon_self/") or k.startswith("val/mdas/recon_cross/") for k in metrics)
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 12
     figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
     assert "figures/recon_sen12ms_step00000006.png" in figures and len(figures) == 6

@@ -56,3 +56,21 @@ def test_adamw_hyperparameters_and_set_lr(model):
     assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 for g in opt.param_groups)
     set_lr(opt, 3e-5)
     assert {g["lr"] for g in opt.param_groups} == {3e-5}
+
+
+def test_self_cross_terms_match_the_models_per_sensor_loss(model):
+    """recon_self/<s> and recon_cross/<s> split exactly the rows behind the model's recon/<s>."""
+    from msgfm.train.metrics import self_cross_terms
+
+    torch.manual_seed(0)
+    batch = {"sar": torch.randn(6, 2, 32, 32), "s2": torch.randn(6, 12, 32, 32)}
+    out = model(batch, "sen12ms")
+    terms = self_cross_terms(out, None, model.patch_size)
+    for sensor in ("sar", "s2"):
+        parts = [k for k in (f"recon_self/{sensor}", f"recon_cross/{sensor}") if k in terms]
+        assert parts, terms.keys()
+        if len(parts) == 1:  # all rows of one kind: the split equals the whole
+            assert torch.allclose(terms[parts[0]], out[f"recon/{sensor}"], rtol=1e-5)
+        else:  # a mix: the whole lies between its parts
+            lo, hi = sorted(float(terms[k]) for k in parts)
+            assert lo - 1e-6 <= float(out[f"recon/{sensor}"]) <= hi + 1e-6

@@ -23,7 +23,7 @@ import torch
 from msgfm.config import RunConfig
 from msgfm.train import checkpoint as ckpt
 from msgfm.train.figures import figure_cases, save_reconstruction_figure
-from msgfm.train.metrics import LOSS_KEYS, IntervalMetrics, loss_terms
+from msgfm.train.metrics import LOSS_KEYS, IntervalMetrics, loss_terms, self_cross_terms
 from msgfm.train.optim import set_lr
 from msgfm.train.schedule import LRSchedule
 from msgfm.train.tracking import Tracker
@@ -55,6 +55,7 @@ class Trainer:
         self.total_steps = schedule.total_steps if cfg.train.max_steps is None else \
             min(cfg.train.max_steps, schedule.total_steps)
         self.last_print = (time.perf_counter(), 0)
+        self.patch_size = cfg.model.patch_size
 
     # ------------------------------------------------------------------ main loop
 
@@ -106,7 +107,7 @@ class Trainer:
             out = engine(images, group, valid=valid)
             loss = out["loss"]
             step_finite &= torch.isfinite(loss.detach())
-            for key, value in loss_terms(out).items():
+            for key, value in {**loss_terms(out), **self_cross_terms(out, valid, self.patch_size)}.items():
                 self.metrics.add(f"train/{group}/{key}", value)
             if log_now:
                 self._record_expert_load(group)
@@ -226,7 +227,8 @@ class Trainer:
             dist.all_reduce(count, op=dist.ReduceOp.MIN)
             n = int(count.item())
             # one fixed list of keys on every rank: a rank may see no cross (or self) rows in its batches
-            keys = [*LOSS_KEYS, *(f"recon/{s}" for s in self.cfg.data.group(group).sensors)]
+            sensors = self.cfg.data.group(group).sensors
+            keys = [*LOSS_KEYS, *(f"{kind}/{s}" for kind in ("recon", "recon_self", "recon_cross") for s in sensors)]
             sums_K = torch.zeros(len(keys), device=self.device, dtype=torch.float64)
             counts_K = torch.zeros_like(sums_K)
             for i, batch in enumerate(batches):
@@ -234,7 +236,8 @@ class Trainer:
                     break
                 images = {s: self._to_device(x) for s, x in batch["images"].items()}
                 valid = {s: v.to(self.device) for s, v in batch.get("valid", {}).items()} or None
-                terms = loss_terms(self.engine(images, group, valid=valid))
+                out = self.engine(images, group, valid=valid)
+                terms = {**loss_terms(out), **self_cross_terms(out, valid, self.patch_size)}
                 for k, key in enumerate(keys):
                     if key in terms:
                         sums_K[k] += terms[key].double()

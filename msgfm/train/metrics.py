@@ -25,6 +25,32 @@ def loss_terms(out: dict) -> dict[str, torch.Tensor]:
     return terms
 
 
+def self_cross_terms(out: dict, valid: dict[str, torch.Tensor] | None, patch_size: int) -> dict[str, torch.Tensor]:
+    """Reconstruction L1 per target sensor, split by where the rows came from:
+    ``recon_self/<sensor>`` (decoded from the sensor's own masked image) and ``recon_cross/<sensor>``
+    (from its partner's). Same definition as the model's ``recon/<sensor>`` (masked, valid pixels),
+    computed from the detached predictions it returns: elementwise work on the decoder outputs only,
+    no device sync."""
+    from msgfm.data.masking import upsample_mask
+
+    sums: dict[str, list[torch.Tensor]] = {}
+    for source, by_target in out.get("predictions", {}).items():
+        for target, pred_nCHW in by_target.items():
+            if pred_nCHW is None or len(pred_nCHW) == 0:
+                continue
+            samples = out["sample_index"][source][target].to(pred_nCHW.device, non_blocking=True)
+            weight_nCHW = upsample_mask(out["masks"][source].index_select(0, samples), patch_size)
+            if valid is not None and target in valid:
+                weight_nCHW = weight_nCHW & valid[target].index_select(0, samples)
+            weight_nCHW = weight_nCHW.float().expand_as(pred_nCHW)
+            diff = (pred_nCHW.float() - out["targets"][source][target].float()).abs()
+            key = f"recon_{'self' if source == target else 'cross'}/{target}"
+            num, den = (diff * weight_nCHW).sum(), weight_nCHW.sum()
+            acc = sums.setdefault(key, [num.new_zeros(()), num.new_zeros(())])
+            acc[0], acc[1] = acc[0] + num, acc[1] + den
+    return {key: num / den.clamp(min=1.0) for key, (num, den) in sums.items()}
+
+
 class IntervalMetrics:
     """Sums of device scalars and host counters since the last flush."""
 
