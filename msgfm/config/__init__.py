@@ -4,11 +4,11 @@
 itself; :mod:`msgfm.config.loader` reads YAML (with ``_base_`` inheritance and dotted
 overrides) into them. Everything is re-exported here.
 """
-from msgfm.config.loader import (CONFIG_DIR, _apply_override, _from_dict, _merge, _read_yaml_tree, config_from_dict,
+from msgfm.config.loader import (CONFIG_DIR, apply_override, config_from_dict, from_dict, read_yaml_tree,
                                  list_configs, load_config, parse_override, resolve_config_path, save_config)
-from msgfm.config.schema import (NUM_PATCH_MERGES, _check_sensor, _fail, AugmentConfig, DataConfig, DataGroupConfig, KernelsConfig,
+from msgfm.config.schema import (NUM_PATCH_MERGES, AugmentConfig, DataConfig, DataGroupConfig, KernelsConfig,
                                  MaskingConfig, ModelConfig, MoEConfig, OptimizerConfig, PretrainConfig, RunConfig,
-                                 ScheduleConfig, TrackingConfig, TrainConfig)
+                                 ScheduleConfig, TrackingConfig, TrainConfig, check_sensor, config_error)
 from msgfm.sensors import SensorSpec, register_sensor
 
 __all__ = [
@@ -16,4 +16,6 @@ __all__ = [
     "MaskingConfig", "ModelConfig", "MoEConfig", "OptimizerConfig", "PretrainConfig", "RunConfig", "ScheduleConfig",
     "SensorSpec", "TrackingConfig", "TrainConfig", "config_from_dict", "list_configs", "load_config",
     "parse_override", "register_sensor", "resolve_config_path", "save_config",
+    # building blocks for configs of other entry points (msgfm.finetune.config)
+    "apply_override", "check_sensor", "config_error", "from_dict", "read_yaml_tree",
 ]

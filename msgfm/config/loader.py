@@ -16,7 +16,7 @@ from typing import Any, Literal, Sequence, Union
 
 import yaml
 
-from msgfm.config.schema import RunConfig, _fail
+from msgfm.config.schema import RunConfig, config_error
 from msgfm.sensors import SensorSpec, register_sensor
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -42,32 +42,32 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ValueError as err:
                 errors.append(str(err))
-        _fail(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        config_error(key, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
         if value not in args:
-            _fail(key, f"must be one of {list(args)}, got {value!r}")
+            config_error(key, f"must be one of {list(args)}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            _fail(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _from_dict(tp, value, key)
+            config_error(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, key)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            _fail(key, f"expected a list, got {value!r}")
+            config_error(key, f"expected a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            _fail(key, f"expected a mapping, got {value!r}")
+            config_error(key, f"expected a mapping, got {value!r}")
         return {_coerce(k, args[0], f"{key} (key)"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            _fail(key, f"expected true or false, got {value!r}")
+            config_error(key, f"expected true or false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(key, f"expected an integer, got {value!r}")
+            config_error(key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
@@ -76,16 +76,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(key, f"expected a number, got {value!r}")
+            config_error(key, f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            _fail(key, f"expected a string, got {value!r}")
+            config_error(key, f"expected a string, got {value!r}")
         return value
     raise TypeError(f"config key '{key}': unsupported annotation {tp}")  # a bug in this module
 
 
-def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in data if k not in names]
@@ -125,7 +125,7 @@ def list_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def _read_yaml_tree(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+def read_yaml_tree(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     path = resolve_config_path(name_or_path).resolve()
     if path in seen:
         raise ValueError(f"config {path} inherits from itself through _base_")
@@ -137,7 +137,7 @@ def _read_yaml_tree(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> di
     if base is None:
         return data
     base_path = base if (path.parent / str(base)).suffix not in (".yaml", ".yml") else path.parent / str(base)
-    return _merge(_read_yaml_tree(base_path, seen + (path,)), data)
+    return _merge(read_yaml_tree(base_path, seen + (path,)), data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -151,7 +151,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, yaml.safe_load(raw)
 
 
-def _apply_override(tree: dict, parts: list[str], value: Any, text: str) -> None:
+def apply_override(tree: dict, parts: list[str], value: Any, text: str) -> None:
     node = tree
     for i, part in enumerate(parts[:-1]):
         if isinstance(node.get(part), list) and parts[i + 1:]:
@@ -161,7 +161,7 @@ def _apply_override(tree: dict, parts: list[str], value: Any, text: str) -> None
             if not match:
                 raise ValueError(f"override '{text}': no entry named '{parts[i + 1]}' in '{part}' "
                                  f"(names: {[g.get('name') for g in items if isinstance(g, dict)]})")
-            _apply_override(match[0], parts[i + 2:], value, text)
+            apply_override(match[0], parts[i + 2:], value, text)
             return
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
@@ -173,18 +173,18 @@ def config_from_dict(tree: dict) -> RunConfig:
     """Build and validate a :class:`RunConfig`; registers sensors declared under ``sensors:``."""
     for name, spec in (tree.get("sensors") or {}).items():
         register_sensor(SensorSpec.from_dict(name, spec), replace=True)
-    return _from_dict(RunConfig, tree)
+    return from_dict(RunConfig, tree)
 
 
 def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Load a shipped config by name (``msgfm_swinb_192``) or a YAML path, then apply dotted overrides."""
-    tree = _read_yaml_tree(name_or_path)
+    tree = read_yaml_tree(name_or_path)
     if "task" in tree and "task" not in {f.name for f in dataclasses.fields(RunConfig)}:
         raise ValueError(f"'{name_or_path}' is a fine-tuning config (it has a 'task'); load it with "
                          f"msgfm.finetune.config.load_finetune_config or launchers/finetune.py")
     for text in overrides:
         parts, value = parse_override(text)
-        _apply_override(tree, parts, value, text)
+        apply_override(tree, parts, value, text)
     return config_from_dict(tree)
 
 

@@ -20,15 +20,17 @@ from msgfm.sensors import UnknownSensorError, get_sensor
 NUM_PATCH_MERGES = 3
 
 
-def _fail(key: str, message: str) -> None:
+def config_error(key: str, message: str) -> None:
+    """Raise the ValueError every config check uses: the dotted key, then what is wrong and what to do."""
     raise ValueError(f"config key '{key}': {message}")
 
 
-def _check_sensor(name: str, key: str) -> None:
+def check_sensor(name: str, key: str) -> None:
+    """Fail with the config key named when ``name`` is not a registered sensor."""
     try:
         get_sensor(name)
     except UnknownSensorError as err:
-        _fail(key, str(err))
+        config_error(key, str(err))
 
 
 @dataclass(kw_only=True)
@@ -51,20 +53,20 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         if self.num_experts < 1:
-            _fail("model.moe.num_experts", f"must be >= 1, got {self.num_experts}")
+            config_error("model.moe.num_experts", f"must be >= 1, got {self.num_experts}")
         if self.top_k not in (1, 2):
-            _fail("model.moe.top_k", f"DeepSpeed MoE supports top-1 or top-2 gating, got {self.top_k}")
+            config_error("model.moe.top_k", f"DeepSpeed MoE supports top-1 or top-2 gating, got {self.top_k}")
         if self.top_k > self.num_experts:
-            _fail("model.moe.top_k", f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+            config_error("model.moe.top_k", f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         for key in ("capacity_factor", "eval_capacity_factor"):
             if getattr(self, key) <= 0:
-                _fail(f"model.moe.{key}", f"must be > 0, got {getattr(self, key)}")
+                config_error(f"model.moe.{key}", f"must be > 0, got {getattr(self, key)}")
         if self.expert_parallel_size < 1 or self.num_experts % self.expert_parallel_size:
-            _fail("model.moe.expert_parallel_size",
+            config_error("model.moe.expert_parallel_size",
                   f"{self.expert_parallel_size} must divide num_experts={self.num_experts}; "
                   f"choose a divisor of {self.num_experts}")
         if self.aux_loss_weight < 0:
-            _fail("model.moe.aux_loss_weight", f"must be >= 0, got {self.aux_loss_weight}")
+            config_error("model.moe.aux_loss_weight", f"must be >= 0, got {self.aux_loss_weight}")
 
 
 @dataclass(kw_only=True)
@@ -90,43 +92,43 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if len(self.depths) != len(self.num_heads):
-            _fail("model.num_heads", f"needs one entry per stage: depths has {len(self.depths)}, "
+            config_error("model.num_heads", f"needs one entry per stage: depths has {len(self.depths)}, "
                                      f"num_heads has {len(self.num_heads)}")
         if len(self.depths) != NUM_PATCH_MERGES + 1:
-            _fail("model.depths", f"msGFM's Swin has {NUM_PATCH_MERGES + 1} stages, got {len(self.depths)}")
+            config_error("model.depths", f"msGFM's Swin has {NUM_PATCH_MERGES + 1} stages, got {len(self.depths)}")
         for i, heads in enumerate(self.num_heads):
             dim = self.embed_dim * 2**i
             if heads < 1 or dim % heads:
-                _fail(f"model.num_heads[{i}]", f"stage {i} width {dim} (embed_dim {self.embed_dim} x {2**i}) "
+                config_error(f"model.num_heads[{i}]", f"stage {i} width {dim} (embed_dim {self.embed_dim} x {2**i}) "
                                                f"is not divisible by {heads} heads")
         if self.patch_size < 1:
-            _fail("model.patch_size", f"must be >= 1, got {self.patch_size}")
+            config_error("model.patch_size", f"must be >= 1, got {self.patch_size}")
         stride = self.patch_size * 2**NUM_PATCH_MERGES
         if self.img_size % stride:
-            _fail("model.img_size", f"{self.img_size} is not a multiple of the total stride {stride} "
+            config_error("model.img_size", f"{self.img_size} is not a multiple of the total stride {stride} "
                                     f"(patch {self.patch_size} x {2**NUM_PATCH_MERGES}); try "
                                     f"{max(stride, self.img_size // stride * stride)}")
         for i, res in enumerate(self.stage_resolutions):
             window = min(self.window_size, res)
             if res % window:
-                _fail("model.window_size", f"window {self.window_size} does not divide stage {i}'s "
+                config_error("model.window_size", f"window {self.window_size} does not divide stage {i}'s "
                                            f"{res}x{res} feature map (img_size {self.img_size}); pick a "
                                            f"window that divides {res}, or an img_size that fits")
         if isinstance(self.grad_checkpointing, list) and len(self.grad_checkpointing) != len(self.depths):
-            _fail("model.grad_checkpointing", f"give one flag per stage ({len(self.depths)}) or a single bool")
+            config_error("model.grad_checkpointing", f"give one flag per stage ({len(self.depths)}) or a single bool")
         for rate_key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, rate_key) < 1.0:
-                _fail(f"model.{rate_key}", f"must be in [0, 1), got {getattr(self, rate_key)}")
+                config_error(f"model.{rate_key}", f"must be in [0, 1), got {getattr(self, rate_key)}")
         if self.moe.enabled:
             for stage, blocks in self.moe.blocks.items():
                 if not 0 <= stage < len(self.depths):
-                    _fail("model.moe.blocks", f"stage {stage} does not exist (stages 0..{len(self.depths) - 1})")
+                    config_error("model.moe.blocks", f"stage {stage} does not exist (stages 0..{len(self.depths) - 1})")
                 bad = [b for b in blocks if not 0 <= b < self.depths[stage]]
                 if bad:
-                    _fail("model.moe.blocks", f"stage {stage} has {self.depths[stage]} blocks; "
+                    config_error("model.moe.blocks", f"stage {stage} has {self.depths[stage]} blocks; "
                                               f"block indices {bad} are out of range")
         for name in self.sensors:
-            _check_sensor(name, "model.sensors")
+            check_sensor(name, "model.sensors")
 
     @property
     def stage_resolutions(self) -> list[int]:
@@ -158,9 +160,9 @@ class MaskingConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
-            _fail("masking.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
+            config_error("masking.mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
         if self.mask_patch_size < 1:
-            _fail("masking.mask_patch_size", f"must be >= 1, got {self.mask_patch_size}")
+            config_error("masking.mask_patch_size", f"must be >= 1, got {self.mask_patch_size}")
 
 
 @dataclass(kw_only=True)
@@ -172,7 +174,7 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.cross_rate <= 1.0:
-            _fail("pretrain.cross_rate", f"must be in [0, 1], got {self.cross_rate}")
+            config_error("pretrain.cross_rate", f"must be in [0, 1], got {self.cross_rate}")
 
 
 @dataclass(kw_only=True)
@@ -192,22 +194,22 @@ class DataGroupConfig:
     def __post_init__(self) -> None:
         key = f"data.groups[{self.name}]"
         if not 1 <= len(self.sensors) <= 2:
-            _fail(f"{key}.sensors", f"a group has one sensor (unpaired) or two (a pair), got {self.sensors}")
+            config_error(f"{key}.sensors", f"a group has one sensor (unpaired) or two (a pair), got {self.sensors}")
         if len(set(self.sensors)) != len(self.sensors):
-            _fail(f"{key}.sensors", f"lists a sensor twice: {self.sensors}")
+            config_error(f"{key}.sensors", f"lists a sensor twice: {self.sensors}")
         for sensor in self.sensors:
-            _check_sensor(sensor, f"{key}.sensors")
+            check_sensor(sensor, f"{key}.sensors")
         if isinstance(self.batch_size_per_gpu, str):
             if self.batch_size_per_gpu != "auto":
-                _fail(f"{key}.batch_size_per_gpu", f"an integer or 'auto', got '{self.batch_size_per_gpu}'")
+                config_error(f"{key}.batch_size_per_gpu", f"an integer or 'auto', got '{self.batch_size_per_gpu}'")
         elif self.batch_size_per_gpu < 1:
-            _fail(f"{key}.batch_size_per_gpu", f"must be >= 1, got {self.batch_size_per_gpu}")
+            config_error(f"{key}.batch_size_per_gpu", f"must be >= 1, got {self.batch_size_per_gpu}")
         if self.lr is not None and self.lr <= 0:
-            _fail(f"{key}.lr", f"must be > 0, got {self.lr}")
+            config_error(f"{key}.lr", f"must be > 0, got {self.lr}")
         if self.lr is None and self.batch_size_per_gpu != "auto":
-            _fail(f"{key}.lr", "set a base learning rate (or batch_size_per_gpu: auto to derive it)")
+            config_error(f"{key}.lr", "set a base learning rate (or batch_size_per_gpu: auto to derive it)")
         if self.num_workers < 0:
-            _fail(f"{key}.num_workers", f"must be >= 0, got {self.num_workers}")
+            config_error(f"{key}.num_workers", f"must be >= 0, got {self.num_workers}")
 
     @property
     def paired(self) -> bool:
@@ -226,10 +228,10 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
-            _fail("data.augment.crop_scale", f"needs 0 < min <= max <= 1, got {self.crop_scale}")
+            config_error("data.augment.crop_scale", f"needs 0 < min <= max <= 1, got {self.crop_scale}")
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
-            _fail("data.augment.crop_ratio", f"needs 0 < min <= max, got {self.crop_ratio}")
+            config_error("data.augment.crop_ratio", f"needs 0 < min <= max, got {self.crop_ratio}")
 
 
 @dataclass(kw_only=True)
@@ -255,13 +257,13 @@ class DataConfig:
         names = [g.name for g in self.groups]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            _fail("data.groups", f"group names must be unique, repeated: {dupes}")
+            config_error("data.groups", f"group names must be unique, repeated: {dupes}")
         if not 0.0 <= self.val_fraction < 1.0:
-            _fail("data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+            config_error("data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.max_corrupt_fraction < 1.0:
-            _fail("data.max_corrupt_fraction", f"must be in [0, 1), got {self.max_corrupt_fraction}")
+            config_error("data.max_corrupt_fraction", f"must be in [0, 1), got {self.max_corrupt_fraction}")
         if any(g.batch_size_per_gpu == "auto" for g in self.groups) and not self.total_batch_size_per_gpu:
-            _fail("data.total_batch_size_per_gpu", "set it when any group uses batch_size_per_gpu: auto")
+            config_error("data.total_batch_size_per_gpu", "set it when any group uses batch_size_per_gpu: auto")
 
     def group(self, name: str) -> DataGroupConfig:
         for g in self.groups:
@@ -291,11 +293,11 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            _fail("optimizer.betas", f"two values in [0, 1), got {self.betas}")
+            config_error("optimizer.betas", f"two values in [0, 1), got {self.betas}")
         if self.eps <= 0:
-            _fail("optimizer.eps", f"must be > 0, got {self.eps}")
+            config_error("optimizer.eps", f"must be > 0, got {self.eps}")
         if self.weight_decay < 0:
-            _fail("optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
+            config_error("optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
 
 
 @dataclass(kw_only=True)
@@ -312,15 +314,15 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            _fail("schedule.epochs", f"must be >= 1, got {self.epochs}")
+            config_error("schedule.epochs", f"must be >= 1, got {self.epochs}")
         if not 0 <= self.warmup_epochs < self.epochs:
-            _fail("schedule.warmup_epochs", f"must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
+            config_error("schedule.warmup_epochs", f"must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
         bad = [m for m in self.milestones if not self.warmup_epochs <= m <= self.epochs]
         if self.kind == "multistep" and bad:
-            _fail("schedule.milestones", f"{bad} lie outside [warmup_epochs, epochs] = "
+            config_error("schedule.milestones", f"{bad} lie outside [warmup_epochs, epochs] = "
                                          f"[{self.warmup_epochs}, {self.epochs}]")
         if not 0 < self.gamma <= 1:
-            _fail("schedule.gamma", f"must be in (0, 1], got {self.gamma}")
+            config_error("schedule.gamma", f"must be in (0, 1], got {self.gamma}")
 
 
 @dataclass(kw_only=True)
@@ -343,9 +345,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("log_interval", "checkpoint_interval", "keep_last", "val_interval_epochs", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
-                _fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+                config_error(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         if self.max_steps is not None and self.max_steps < 1:
-            _fail("train.max_steps", f"must be >= 1 or null, got {self.max_steps}")
+            config_error("train.max_steps", f"must be >= 1 or null, got {self.max_steps}")
 
 
 @dataclass(kw_only=True)
@@ -361,7 +363,7 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         for key in ("log_interval", "figure_interval"):
             if getattr(self, key) < 1:
-                _fail(f"tracking.{key}", f"must be >= 1, got {getattr(self, key)}")
+                config_error(f"tracking.{key}", f"must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass(kw_only=True)
@@ -393,13 +395,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         m, mask = self.model, self.masking
         if mask.mask_patch_size % m.patch_size:
-            _fail("masking.mask_patch_size", f"{mask.mask_patch_size} is not a multiple of the model patch "
+            config_error("masking.mask_patch_size", f"{mask.mask_patch_size} is not a multiple of the model patch "
                                              f"size {m.patch_size}")
         if m.img_size % mask.mask_patch_size:
-            _fail("masking.mask_patch_size", f"{mask.mask_patch_size} does not divide model.img_size {m.img_size}")
+            config_error("masking.mask_patch_size", f"{mask.mask_patch_size} does not divide model.img_size {m.img_size}")
         missing = [s for s in self.data.sensors if m.sensors and s not in m.sensors]
         if missing:
-            _fail("model.sensors", f"data groups use sensors {missing} that the model has no embedding for; "
+            config_error("model.sensors", f"data groups use sensors {missing} that the model has no embedding for; "
                                    f"add them or leave model.sensors empty")
 
     @property

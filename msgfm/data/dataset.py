@@ -78,7 +78,7 @@ class GroupDataset(Dataset):
         self._starts = np.cumsum([0] + counts)
         self._start_list = self._starts.tolist()  # bisect on a list: cheaper than numpy per sample
         self._has_ids = [info.has_ids for info in infos]
-        self.normalizers = [{s: _normalizer(info, s, stats) for s in self.sensors} for info in infos]
+        self.normalizers = [{s: normalizer_for(info, s, stats) for s in self.sensors} for info in infos]
         self.replacement_pool = np.asarray(replacement_pool if replacement_pool is not None
                                            else np.arange(len(self)), dtype=np.int64)
         self._reset_handles()
@@ -212,7 +212,8 @@ class GroupDataset(Dataset):
         return index
 
 
-def _normalizer(info: ShardInfo, sensor: str, stats: Stats) -> SensorNormalizer:
+def normalizer_for(info: ShardInfo, sensor: str, stats: Stats) -> SensorNormalizer:
+    """The normalizer of ``sensor`` in a shard, checking the statistics are for the bands it stores."""
     spec = info.sensors[sensor]
     sensor_stats = stats.sensor(sensor)
     if sensor_stats.bands != spec.bands:

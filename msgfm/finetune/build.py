@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from msgfm.config import ModelConfig, _from_dict
+from msgfm.config import ModelConfig, from_dict
 from msgfm.finetune.config import FinetuneConfig
 from msgfm.finetune.model import FinetuneModel
 from msgfm.finetune.options import freeze
@@ -61,7 +61,7 @@ def encoder_config(cfg: FinetuneConfig, pretrained_model: Mapping[str, Any] | No
     moe["eval_capacity_factor"] = max(float(experts), float(moe.get("eval_capacity_factor", 0.0)))
     if isinstance(tree["moe"].get("blocks"), dict):  # JSON/YAML round trips may turn stage keys into str
         tree["moe"]["blocks"] = {int(k): v for k, v in tree["moe"]["blocks"].items()}
-    return _from_dict(ModelConfig, tree, "model")
+    return from_dict(ModelConfig, tree, "model")
 
 
 def new_model(cfg: FinetuneConfig, model_cfg: ModelConfig) -> FinetuneModel:
@@ -126,7 +126,7 @@ def timm_as_pretrain_state(cfg: FinetuneConfig, weights: str | Path) -> dict[str
     model_tree = dataclasses.asdict(cfg.model)
     model_tree["sensors"] = [sensor]
     model_tree["moe"]["enabled"] = False
-    run_cfg = _from_dict(RunConfig, {"model": model_tree, "data": {"groups": []}})
+    run_cfg = from_dict(RunConfig, {"model": model_tree, "data": {"groups": []}})
     pretrain = build_pretrain_model(run_cfg)
     own = pretrain.encoder.state_dict()
     # timm checkpoints of another window (e.g. 12 for Swin-B/384): resample the bias tables first

@@ -17,8 +17,8 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from msgfm.config import (KernelsConfig, ModelConfig, OptimizerConfig, ScheduleConfig, TrackingConfig, _apply_override,
-                          _check_sensor, _fail, _from_dict, _read_yaml_tree, parse_override)
+from msgfm.config import (KernelsConfig, ModelConfig, OptimizerConfig, ScheduleConfig, TrackingConfig, apply_override,
+                          check_sensor, config_error, from_dict, read_yaml_tree, parse_override)
 
 TASKS = ("ben", "vaihingen", "sen12mscr", "spacenet", "spacenet_buildings")
 TaskKind = Literal["multilabel", "segmentation", "restoration"]
@@ -57,25 +57,25 @@ class TaskConfig:
         if self.kind is None:
             self.kind = TASK_KINDS[self.name]
         if not self.sensors:
-            _fail("task.sensors", "list at least one input sensor")
+            config_error("task.sensors", "list at least one input sensor")
         for s in self.sensors:
-            _check_sensor(s, "task.sensors")
+            check_sensor(s, "task.sensors")
         if len(set(self.sensors)) != len(self.sensors):
-            _fail("task.sensors", f"lists a sensor twice: {self.sensors}")
+            config_error("task.sensors", f"lists a sensor twice: {self.sensors}")
         if self.kind in ("multilabel", "segmentation") and self.num_classes < 2:
-            _fail("task.num_classes", f"must be >= 2, got {self.num_classes}")
+            config_error("task.num_classes", f"must be >= 2, got {self.num_classes}")
         if self.kind == "restoration":
             if not self.target_sensor:
-                _fail("task.target_sensor", "a restoration task names the sensor whose bands it predicts")
-            _check_sensor(self.target_sensor, "task.target_sensor")
+                config_error("task.target_sensor", "a restoration task names the sensor whose bands it predicts")
+            check_sensor(self.target_sensor, "task.target_sensor")
             if self.data_range <= 0:
-                _fail("task.data_range", f"must be > 0, got {self.data_range}")
+                config_error("task.data_range", f"must be > 0, got {self.data_range}")
             if len(self.clip_range) != 2 or self.clip_range[0] >= self.clip_range[1]:
-                _fail("task.clip_range", f"needs [low, high] with low < high, got {self.clip_range}")
+                config_error("task.clip_range", f"needs [low, high] with low < high, got {self.clip_range}")
         if self.resolution_ratio < 0 or self.resolution_ratio == 1:
-            _fail("task.resolution_ratio", f"0 (off) or an integer >= 2, got {self.resolution_ratio}")
+            config_error("task.resolution_ratio", f"0 (off) or an integer >= 2, got {self.resolution_ratio}")
         if self.eval_tile < 0 or not 0 <= self.eval_overlap < 1:
-            _fail("task.eval_tile", "eval_tile >= 0 and eval_overlap in [0, 1)")
+            config_error("task.eval_tile", "eval_tile >= 0 and eval_overlap in [0, 1)")
 
     @property
     def label_name(self) -> str:
@@ -99,11 +99,11 @@ class TransferConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.layer_decay <= 1:
-            _fail("transfer.layer_decay", f"must be in (0, 1], got {self.layer_decay}")
+            config_error("transfer.layer_decay", f"must be in (0, 1], got {self.layer_decay}")
         if self.init == "timm" and not self.timm_weights:
-            _fail("transfer.timm_weights", "init: timm needs the path of a timm Swin state dict")
+            config_error("transfer.timm_weights", "init: timm needs the path of a timm Swin state dict")
         if self.head_channels < 1:
-            _fail("transfer.head_channels", f"must be >= 1, got {self.head_channels}")
+            config_error("transfer.head_channels", f"must be >= 1, got {self.head_channels}")
 
 
 @dataclass(kw_only=True)
@@ -128,12 +128,12 @@ class FinetuneDataConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.train_fraction <= 1:
-            _fail("data.train_fraction", f"must be in (0, 1], got {self.train_fraction}")
+            config_error("data.train_fraction", f"must be in (0, 1], got {self.train_fraction}")
         for key in ("batch_size_per_gpu", "eval_batch_size_per_gpu"):
             if getattr(self, key) < 1:
-                _fail(f"data.{key}", f"must be >= 1, got {getattr(self, key)}")
+                config_error(f"data.{key}", f"must be >= 1, got {getattr(self, key)}")
         if self.num_workers < 0 or self.train_crop < 0:
-            _fail("data.num_workers", "num_workers and train_crop must be >= 0")
+            config_error("data.num_workers", "num_workers and train_crop must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -149,10 +149,10 @@ class FinetuneTrainConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            _fail("train.lr", f"must be > 0, got {self.lr}")
+            config_error("train.lr", f"must be > 0, got {self.lr}")
         for key in ("log_interval", "eval_interval_epochs", "keep_last"):
             if getattr(self, key) < 1:
-                _fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+                config_error(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass(kw_only=True)
@@ -176,10 +176,10 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.transfer.init == "timm" and self.transfer.method != "stack":
-            _fail("transfer.method", "timm weights have one patch embedding: use method stack with init timm")
+            config_error("transfer.method", "timm weights have one patch embedding: use method stack with init timm")
         if self.task.kind == "restoration" and self.task.target_sensor not in self.task.sensors \
                 and not self.task.target_label:
-            _fail("task.target_label", f"target sensor '{self.task.target_sensor}' is not an input; name the "
+            config_error("task.target_label", f"target sensor '{self.task.target_sensor}' is not an input; name the "
                                        f"labels/<name> dataset that holds it")
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,13 +190,13 @@ def load_finetune_config(name_or_path: str | Path, overrides: Sequence[str] = ()
     """A shipped fine-tuning config by name (``ft_ben_tiny``) or a YAML path, with dotted overrides."""
     from msgfm.config import SensorSpec, register_sensor
 
-    tree = _read_yaml_tree(name_or_path)
+    tree = read_yaml_tree(name_or_path)
     for text in overrides:
         parts, value = parse_override(text)
-        _apply_override(tree, parts, value, text)
+        apply_override(tree, parts, value, text)
     for name, spec in (tree.get("sensors") or {}).items():
         register_sensor(SensorSpec.from_dict(name, spec), replace=True)
-    return _from_dict(FinetuneConfig, tree)
+    return from_dict(FinetuneConfig, tree)
 
 
 def save_finetune_config(cfg: FinetuneConfig, path: str | Path) -> None:

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from msgfm.data.dataset import normalizer_for
 from msgfm.data.format import LABELS_GROUP, ShardInfo, read_shard_info
 from msgfm.data.stats import Stats, expand_shard_args, load_stats
-from msgfm.data.transforms import SensorNormalizer
 from msgfm.finetune.config import FinetuneConfig, TaskConfig
 from msgfm.sensors import get_sensor
 
@@ -46,7 +46,7 @@ class TaskDataset(Dataset):
         for info in infos:
             _check_shard(info, task)
         self.paths = [info.path for info in infos]
-        self.normalizers = [{s: _normalizer(info, s, stats) for s in task.sensors} for info in infos]
+        self.normalizers = [{s: normalizer_for(info, s, stats) for s in task.sensors} for info in infos]
         if self.target_sensor_input:  # the reference is a stored sensor (pan-sharpening): its physical units
             self.target_units = [(info.sensors[task.target_sensor].scale, info.sensors[task.target_sensor].offset)
                                  for info in infos]
@@ -141,15 +141,6 @@ def _check_shard(info: ShardInfo, task: TaskConfig) -> None:
         if info.labels[label].shape[1:2] != (channels,):
             raise ValueError(f"{info.path}: labels/{label} has shape {info.labels[label].shape[1:]}, the target "
                              f"sensor '{task.target_sensor}' has {channels} bands")
-
-
-def _normalizer(info: ShardInfo, sensor: str, stats: Stats) -> SensorNormalizer:
-    spec, sensor_stats = info.sensors[sensor], stats.sensor(sensor)
-    if sensor_stats.bands != spec.bands:
-        raise ValueError(f"{stats.path}: statistics of '{sensor}' are for bands {list(sensor_stats.bands)}, "
-                         f"{info.path} stores {list(spec.bands)}; run `msgfm stats` on these shards again")
-    return SensorNormalizer.from_stats(sensor_stats.mean, sensor_stats.std, scale=spec.scale, offset=spec.offset,
-                                       nodata=spec.nodata)
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -104,7 +104,6 @@ def measured_copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     times = cuda_event_times_ms(lambda: dst.copy_(src), warmup=3, iters=20)
-    del src, dst
     return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9
 
 

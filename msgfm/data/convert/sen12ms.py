@@ -26,14 +26,14 @@ from msgfm.sensors import get_sensor
 
 S2_SCALE = 1e-4  # SEN12MS L1C digital numbers are reflectance x 10000
 SOURCE_S2_SENSOR = "s2_l1c"  # what the files hold: all 13 L1C bands in this order
-_S1_NAME = re.compile(r"(?P<roi>ROIs\d+_[a-z]+)_s1_(?P<scene>\d+)_p(?P<patch>\d+)\.tif")
+S1_NAME = re.compile(r"(?P<roi>ROIs\d+_[a-z]+)_s1_(?P<scene>\d+)_p(?P<patch>\d+)\.tif")
 
 
 def find_pairs(root: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
     """(S1 file, S2 file) pairs under ``root`` (one ROI folder or a folder of them), and unpaired files."""
     pairs, skipped = [], []
     for s1 in sorted(root.glob("**/s1_*/*_s1_*_p*.tif")):
-        match = _S1_NAME.fullmatch(s1.name)
+        match = S1_NAME.fullmatch(s1.name)
         if not match:
             skipped.append((str(s1), "file name does not follow ROIsNNNN_season_s1_SCENE_pPATCH.tif"))
             continue
@@ -46,14 +46,27 @@ def find_pairs(root: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str
 
 
 def _patch_id(s1: Path) -> str:
-    match = _S1_NAME.fullmatch(s1.name)
+    match = S1_NAME.fullmatch(s1.name)
     return f"{match['roi']}_{match['scene']}_p{match['patch']}"
+
+
+def s2_band_indices(s2_sensor: str) -> list[int]:
+    """1-based rasterio band indices of ``s2_sensor``'s bands in a 13-band SEN12MS L1C file."""
+    source_bands = get_sensor(SOURCE_S2_SENSOR).bands
+    return [source_bands.index(b) + 1 for b in get_sensor(s2_sensor).bands]
+
+
+def sensor_specs(size: int, s2_sensor: str) -> dict[str, SensorArraySpec]:
+    """How SEN12MS-style S1 (float32 dB) and S2 (uint16 reflectance x 1e4) patches are stored."""
+    return {"sar": SensorArraySpec(dtype="float32", channels=2, height=size, width=size),
+            s2_sensor: SensorArraySpec(dtype="uint16", channels=get_sensor(s2_sensor).num_channels,
+                                       height=size, width=size, scale=S2_SCALE)}
 
 
 def load_pair(pair: tuple[Path, Path], *, size: int, s2_sensor: str) -> LoadResult:
     s1_path, s2_path = pair
     source_bands = get_sensor(SOURCE_S2_SENSOR).bands
-    band_index = [source_bands.index(b) + 1 for b in get_sensor(s2_sensor).bands]  # rasterio counts from 1
+    band_index = s2_band_indices(s2_sensor)
     with rasterio.open(s1_path) as s1, rasterio.open(s2_path) as s2:
         if s1.count != 2 or s2.count != len(source_bands):
             raise SkipItem(f"expected 2 S1 bands and {len(source_bands)} S2 bands, got {s1.count} and {s2.count}")
@@ -80,9 +93,7 @@ def convert(args: argparse.Namespace) -> int:
     if size is None:
         with rasterio.open(pairs[0][0]) as first:
             size = first.height
-    sensors = {"sar": SensorArraySpec(dtype="float32", channels=2, height=size, width=size),
-               args.s2_sensor: SensorArraySpec(dtype="uint16", channels=get_sensor(args.s2_sensor).num_channels,
-                                               height=size, width=size, scale=S2_SCALE)}
+    sensors = sensor_specs(size, args.s2_sensor)
     run_from_args(args, items=pairs, load=functools.partial(load_pair, size=size, s2_sensor=args.s2_sensor),
                   group=args.group, sensors=sensors, skipped_before=skipped, source=f"SEN12MS: {args.root}",
                   description="sen12ms")

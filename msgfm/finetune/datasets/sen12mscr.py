@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 from pathlib import Path
 
 import numpy as np
 import rasterio
 
 from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args
-from msgfm.data.format import LabelSpec, SensorArraySpec
+from msgfm.data.convert.sen12ms import S1_NAME as _S1
+from msgfm.data.convert.sen12ms import S2_SCALE, SOURCE_S2_SENSOR, s2_band_indices, sensor_specs
+from msgfm.data.format import LabelSpec
 from msgfm.sensors import get_sensor
 
-S2_SCALE = 1e-4
-SOURCE_S2_SENSOR = "s2_l1c"  # the files hold all 13 L1C bands
 TARGET_LABEL = "s2_cloud_free"
-_S1 = re.compile(r"(?P<roi>ROIs\d+_[a-z]+)_s1_(?P<scene>\d+)_p(?P<patch>\d+)\.tif")
 
 
 def find_triplets(root: Path) -> tuple[list[tuple[Path, Path, Path]], list[tuple[str, str]]]:
@@ -54,7 +52,7 @@ def find_triplets(root: Path) -> tuple[list[tuple[Path, Path, Path]], list[tuple
 def load_triplet(triplet: tuple[Path, Path, Path], *, size: int, s2_sensor: str) -> LoadResult:
     s1_path, clear_path, cloudy_path = triplet
     source_bands = get_sensor(SOURCE_S2_SENSOR).bands
-    band_index = [source_bands.index(b) + 1 for b in get_sensor(s2_sensor).bands]  # rasterio counts from 1
+    band_index = s2_band_indices(s2_sensor)
     with rasterio.open(s1_path) as s1, rasterio.open(clear_path) as clear, rasterio.open(cloudy_path) as cloudy:
         if s1.count != 2 or clear.count != len(source_bands) or cloudy.count != len(source_bands):
             raise SkipItem(f"expected 2 S1 bands and {len(source_bands)} S2 bands, got {s1.count}, {clear.count}, "
@@ -85,9 +83,7 @@ def convert(args: argparse.Namespace) -> int:
         with rasterio.open(triplets[0][0]) as first:
             size = first.height
     sensor = get_sensor(args.s2_sensor)
-    sensors = {"sar": SensorArraySpec(dtype="float32", channels=2, height=size, width=size),
-               args.s2_sensor: SensorArraySpec(dtype="uint16", channels=sensor.num_channels, height=size,
-                                               width=size, scale=S2_SCALE)}
+    sensors = sensor_specs(size, args.s2_sensor)
     target = LabelSpec(name=TARGET_LABEL, shape=(sensor.num_channels, size, size), dtype="uint16",
                        attrs={"bands": list(sensor.bands), "sensor": args.s2_sensor, "scale": S2_SCALE,
                               "description": "cloud-free Sentinel-2 L1C target, reflectance x 1e4"})
