@@ -13,7 +13,6 @@ by what it provides (``apex.optimizers.FusedAdam``), never by the bare name.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import Any
 
@@ -21,20 +20,9 @@ import torch
 from torch import nn
 
 from msgfm.config import OptimizerConfig
+from msgfm.ops.apex_support import apex_fused_adam
 
 log = logging.getLogger(__name__)
-
-
-def apex_fused_adam() -> tuple[type | None, str]:
-    """Return (apex FusedAdam class, "") or (None, why it is unavailable)."""
-    try:
-        module = importlib.import_module("apex.optimizers")
-    except Exception as err:  # ImportError, or the unrelated registry 'apex' failing on import
-        return None, f"NVIDIA apex is not installed ({type(err).__name__}: {err})"
-    cls = getattr(module, "FusedAdam", None)
-    if cls is None:
-        return None, "the installed 'apex' has no apex.optimizers.FusedAdam (is it NVIDIA apex?)"
-    return cls, ""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
