@@ -198,3 +198,22 @@ def test_consolidated_weights_load_without_process_group(runs):
     client = load_client_state(runs["a"])["msgfm"]
     assert client["step"] == 12 and client["config"]["name"] == "tiny" and set(client["stats"]) == {
         "rgb", "sen12ms", "mdas"}
+
+
+def test_finetuning_starts_from_the_two_rank_moe_checkpoint(runs):
+    """The whole chain: fine-tuning reads the engine's expert-parallel checkpoint (experts of both ranks)."""
+    from msgfm.finetune.build import build_finetune_model
+    from msgfm.finetune.config import load_finetune_config
+    from msgfm.finetune.transfer import ENCODER_PREFIX
+    from msgfm.train.checkpoint import load_model_state_dict
+
+    cfg = load_finetune_config("ft_ben_tiny", ["model.img_size=32"])  # the pretraining size: nothing resampled
+    model, report = build_finetune_model(cfg, runs["a"])
+    assert report.embeddings_from == {s: "pretrained" for s in cfg.task.sensors}
+    assert not report.interpolated and not [k for k in report.missing if k.startswith(ENCODER_PREFIX)]
+    pretrained = load_model_state_dict(runs["a"])
+    encoder = model.encoder.state_dict()
+    assert {k.split(".deepspeed_experts.")[1].split(".")[0] for k in encoder if ".deepspeed_experts." in k} == {
+        "0", "1", "2", "3"}
+    for key, value in encoder.items():
+        torch.testing.assert_close(value, pretrained[ENCODER_PREFIX + key], rtol=0, atol=0, msg=key)
