@@ -13,10 +13,9 @@
 import argparse
 import sys
 
-import deepspeed
-
 from msgfm.finetune.config import TASKS
 from msgfm.finetune.train import finetune
+from msgfm.train.launch import parse_launcher_args, run_reporting_user_errors
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,25 +28,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="checkpoints, MLflow store, figures (default: runs/ft_<task>)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the val and test splits")
     parser.add_argument("--checkpoint", default=None, help="with --eval-only: a fine-tuning run folder or weights")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
-    parser = deepspeed.add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    if not args.deepspeed_config:
-        parser.error("--deepspeed_config is required (e.g. ds_configs/v100x8.json or ds_configs/cpu.json)")
-    return args
+    return parse_launcher_args(parser, argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return finetune(args.config or f"ft_{args.task}", args.overrides, args.deepspeed_config, task_name=args.task,
-                        pretrained=args.pretrained, data_root=args.data_root,
-                        output_dir=args.output_dir or f"runs/ft_{args.task}", eval_only=args.eval_only,
-                        checkpoint=args.checkpoint)
-    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line
-        print(f"finetune: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    return run_reporting_user_errors("finetune", lambda: finetune(
+        args.config or f"ft_{args.task}", args.overrides, args.deepspeed_config, task_name=args.task,
+        pretrained=args.pretrained, data_root=args.data_root, output_dir=args.output_dir or f"runs/ft_{args.task}",
+        eval_only=args.eval_only, checkpoint=args.checkpoint))
 
 
 if __name__ == "__main__":

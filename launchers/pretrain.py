@@ -11,9 +11,8 @@ Trailing ``dotted.key=value`` arguments override the config (``train.max_steps=1
 import argparse
 import sys
 
-import deepspeed
-
 from msgfm.train import pretrain
+from msgfm.train.launch import parse_launcher_args, run_reporting_user_errors
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,23 +24,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on this machine, print parameter counts and memory, do not train")
     parser.add_argument("--world-size", type=int, default=None, help="dry run: target world size (default: "
                         "from the ds_config name, v100x8 -> 8)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
-    parser = deepspeed.add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    if not args.deepspeed_config:
-        parser.error("--deepspeed_config is required (e.g. ds_configs/v100x8.json or ds_configs/cpu.json)")
-    return args
+    return parse_launcher_args(parser, argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return pretrain(args.config, args.overrides, args.deepspeed_config, args.data_root, args.output_dir,
-                        dry_run=args.dry_run, world_size=args.world_size)
-    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line
-        print(f"pretrain: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    return run_reporting_user_errors("pretrain", lambda: pretrain(
+        args.config, args.overrides, args.deepspeed_config, args.data_root, args.output_dir,
+        dry_run=args.dry_run, world_size=args.world_size))
 
 
 if __name__ == "__main__":
