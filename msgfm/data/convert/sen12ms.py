@@ -56,6 +56,17 @@ def s2_band_indices(s2_sensor: str) -> list[int]:
     return [source_bands.index(b) + 1 for b in get_sensor(s2_sensor).bands]
 
 
+S2_SENSOR_CHOICES = ("s2", "s2_l1c")  # 12 bands without B10 (the pretrained s2 embedding), or all 13
+
+
+def patch_size(first_patch: Path, size: int | None) -> int:
+    """``--size`` when given, else the height of the first patch (256 in SEN12MS)."""
+    if size is not None:
+        return size
+    with rasterio.open(first_patch) as first:
+        return first.height
+
+
 def sensor_specs(size: int, s2_sensor: str) -> dict[str, SensorArraySpec]:
     """How SEN12MS-style S1 (float32 dB) and S2 (uint16 reflectance x 1e4) patches are stored."""
     return {"sar": SensorArraySpec(dtype="float32", channels=2, height=size, width=size),
@@ -89,10 +100,7 @@ def convert(args: argparse.Namespace) -> int:
     if not pairs:
         raise FileNotFoundError(f"no SEN12MS pair found under {args.root}: expected "
                                 f"ROIs*/s1_*/ROIs*_s1_*_p*.tif with matching s2_* files")
-    size = args.size
-    if size is None:
-        with rasterio.open(pairs[0][0]) as first:
-            size = first.height
+    size = patch_size(pairs[0][0], args.size)
     sensors = sensor_specs(size, args.s2_sensor)
     run_from_args(args, items=pairs, load=functools.partial(load_pair, size=size, s2_sensor=args.s2_sensor),
                   group=args.group, sensors=sensors, skipped_before=skipped, source=f"SEN12MS: {args.root}",
@@ -106,7 +114,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Pairs ROIs*/s1_N/*_s1_N_pP.tif with ROIs*/s2_N/*_s2_N_pP.tif (same grid, no resampling). "
                     "S2 is written as sensor s2 (12 bands, B10 dropped) or, with --s2-sensor s2_l1c, all 13.")
     parser.add_argument("root", type=Path, help="a SEN12MS ROI folder or a folder holding several")
-    parser.add_argument("--s2-sensor", choices=["s2", "s2_l1c"], default="s2",
+    parser.add_argument("--s2-sensor", choices=S2_SENSOR_CHOICES, default="s2",
                         help="s2: 12 bands without B10 (default, as the pretraining config expects); "
                              "s2_l1c: all 13 L1C bands")
     parser.add_argument("--size", type=int, default=None,

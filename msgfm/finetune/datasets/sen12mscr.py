@@ -22,7 +22,8 @@ import rasterio
 
 from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args
 from msgfm.data.convert.sen12ms import S1_NAME as _S1
-from msgfm.data.convert.sen12ms import S2_SCALE, SOURCE_S2_SENSOR, s2_band_indices, sensor_specs
+from msgfm.data.convert.sen12ms import (S2_SCALE, S2_SENSOR_CHOICES, SOURCE_S2_SENSOR, patch_size, s2_band_indices,
+                                        sensor_specs)
 from msgfm.data.format import LabelSpec
 from msgfm.sensors import get_sensor
 
@@ -78,10 +79,7 @@ def convert(args: argparse.Namespace) -> int:
     if not triplets:
         raise FileNotFoundError(f"no SEN12MS-CR triplet under {args.root}: expected ROIs*_s1/s1_N/*_s1_N_pP.tif "
                                 f"with matching ROIs*_s2/ and ROIs*_s2_cloudy/ files")
-    size = args.size
-    if size is None:
-        with rasterio.open(triplets[0][0]) as first:
-            size = first.height
+    size = patch_size(triplets[0][0], args.size)
     sensor = get_sensor(args.s2_sensor)
     sensors = sensor_specs(size, args.s2_sensor)
     target = LabelSpec(name=TARGET_LABEL, shape=(sensor.num_channels, size, size), dtype="uint16",
@@ -99,7 +97,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Matches ROIs*_s1/s1_N/*_pP.tif with ROIs*_s2/s2_N/ and ROIs*_s2_cloudy/s2_cloudy_N/; writes "
                     "sar + cloudy s2 as inputs and labels/s2_cloud_free as the target.")
     parser.add_argument("root", type=Path, help="folder holding the ROIs*_s1, ROIs*_s2 and ROIs*_s2_cloudy folders")
-    parser.add_argument("--s2-sensor", choices=["s2", "s2_l1c"], default="s2",
+    parser.add_argument("--s2-sensor", choices=S2_SENSOR_CHOICES, default="s2",
                         help="s2: 12 bands without B10 (default, matches the pretrained s2 embedding); "
                              "s2_l1c: all 13 L1C bands")
     parser.add_argument("--size", type=int, default=None, help="patch size (default: the first patch's, 256)")
