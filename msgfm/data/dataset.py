@@ -22,7 +22,7 @@ import os
 import random
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import h5py
 import numpy as np
@@ -41,6 +41,51 @@ MAX_OPEN_FILES = 256
 MAX_REPLACEMENT_TRIES = 16
 # Only the errors reading a damaged file raises; anything else is a bug and must surface.
 _READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError)
+
+
+class ShardHandles:
+    """Read-only h5py handles of a list of shards, opened lazily by the process that reads.
+
+    h5py handles must not cross a fork: a process that finds handles opened by another
+    (its parent, before a DataLoader worker forked) forgets them without closing and opens
+    its own. At most ``MAX_OPEN_FILES`` stay open; the least recently used closes first
+    and ``on_close(shard)`` lets the owner drop what it cached from that file.
+    """
+
+    def __init__(self, paths: Sequence[Path], *, on_close: Callable[[int], None] | None = None,
+                 **h5py_kwargs: Any) -> None:
+        self.paths = list(paths)
+        self.on_close = on_close
+        self.h5py_kwargs = h5py_kwargs
+        self.pid = -1  # the process that owns ``files``
+        self.files: OrderedDict[int, h5py.File] = OrderedDict()  # in order of last use
+
+    def is_current(self) -> bool:
+        return self.pid == os.getpid()
+
+    def get(self, shard: int) -> h5py.File:
+        if not self.is_current():
+            self.pid, self.files = os.getpid(), OrderedDict()
+        f = self.files.get(shard)
+        if f is None:
+            if len(self.files) >= MAX_OPEN_FILES:
+                old, old_file = self.files.popitem(last=False)
+                if self.on_close is not None:
+                    self.on_close(old)
+                old_file.close()
+            f = self.files[shard] = h5py.File(self.paths[shard], "r", **self.h5py_kwargs)
+        self.files.move_to_end(shard)
+        return f
+
+    def close(self) -> None:
+        if self.is_current():
+            for f in self.files.values():
+                f.close()
+        self.files = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "pid": -1, "files": OrderedDict()}
+
 
 
 def _fast_chunk_read(ds: h5py.Dataset) -> bool:
@@ -81,54 +126,52 @@ class GroupDataset(Dataset):
         self.normalizers = [{s: normalizer_for(info, s, stats) for s in self.sensors} for info in infos]
         self.replacement_pool = np.asarray(replacement_pool if replacement_pool is not None
                                            else np.arange(len(self)), dtype=np.int64)
-        self._reset_handles()
+        # No chunk cache: every chunk (= sample) is read once per epoch.
+        self._handles = ShardHandles(self.paths, on_close=self._forget_shard, rdcc_nbytes=0)
+        self._reset_process_state()
 
-    # ---- per-process handle cache -------------------------------------------------------------
+    # ---- per-process state ----------------------------------------------------------------------
 
-    def _reset_handles(self) -> None:
-        self._pid = os.getpid()
-        self._files: OrderedDict[int, h5py.File] = OrderedDict()  # in order of last use
+    def _reset_process_state(self) -> None:
         self._datasets: dict[tuple[int, str], tuple[h5py.Dataset, bool]] = {}
         self._ids: dict[int, np.ndarray] = {}
         self._bad: set[int] = set()  # samples that failed to read in this process
 
+    def _forget_shard(self, shard: int) -> None:
+        for sensor in self.sensors:
+            self._datasets.pop((shard, sensor), None)
+
+    def _file(self, shard: int) -> h5py.File:
+        if not self._handles.is_current():  # a new (forked or spawned) process: nothing cached is ours
+            self._reset_process_state()
+        return self._handles.get(shard)
+
     def _dataset(self, shard: int, sensor: str) -> tuple[h5py.Dataset, bool]:
-        if self._pid != os.getpid():
-            # A forked worker: forget (do not close) the parent's handles, open our own.
-            self._reset_handles()
+        f = self._file(shard)
         key = (shard, sensor)
         if key not in self._datasets:
-            if shard not in self._files:
-                self._open(shard)
-            ds = self._files[shard][sensor]
+            ds = f[sensor]
             self._datasets[key] = (ds, _fast_chunk_read(ds))
-        self._files.move_to_end(shard)
         return self._datasets[key]
 
-    def _open(self, shard: int) -> None:
-        if len(self._files) >= MAX_OPEN_FILES:  # least recently used first
-            old, f = self._files.popitem(last=False)
-            for sensor in self.sensors:
-                self._datasets.pop((old, sensor), None)
-            f.close()
-        # No chunk cache: every chunk (= sample) is read once per epoch.
-        self._files[shard] = h5py.File(self.paths[shard], "r", rdcc_nbytes=0)
+    @property
+    def _files(self) -> OrderedDict:
+        """This process's open handles (diagnostics and tests)."""
+        return self._handles.files
+
+    @property
+    def _pid(self) -> int:
+        return self._handles.pid
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_files"] = OrderedDict()
-        for key in ("_datasets", "_ids"):
-            state[key] = {}
-        state["_bad"] = set()
-        state["_pid"] = -1  # handles are reopened by whoever unpickles (spawned workers)
+        state = dict(self.__dict__)  # the handles pickle empty: whoever unpickles reopens them
+        state.update(_datasets={}, _ids={}, _bad=set())
         return state
 
     def close(self) -> None:
         """Close this process's handles (the next read reopens them)."""
-        if self._pid == os.getpid():
-            for f in self._files.values():
-                f.close()
-        self._reset_handles()
+        self._handles.close()
+        self._reset_process_state()
 
     # ---- reading --------------------------------------------------------------------------------
 
@@ -162,7 +205,7 @@ class GroupDataset(Dataset):
         if not self._has_ids[shard]:
             return f"{self.paths[shard].stem}:{local}"
         if shard not in self._ids:
-            self._ids[shard] = self._files[shard]["ids"].asstr()[()]
+            self._ids[shard] = self._file(shard)["ids"].asstr()[()]
         return str(self._ids[shard][local])
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:

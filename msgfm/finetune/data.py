@@ -13,7 +13,6 @@ Legend: C channels, H x W pixels, K classes.
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from msgfm.data.dataset import normalizer_for
+from msgfm.data.dataset import ShardHandles, normalizer_for
 from msgfm.data.format import LABELS_GROUP, ShardInfo, read_shard_info
 from msgfm.data.stats import Stats, expand_shard_args, load_stats
 from msgfm.finetune.config import FinetuneConfig, TaskConfig
@@ -60,24 +59,14 @@ class TaskDataset(Dataset):
                 raise ValueError(f"{len(missing)} requested ids are not in the shards, e.g. {missing[:3]}")
             index = [index[position[sid]] for sid in ids]
         self.index = index
-        self._pid, self._files = -1, {}
+        self._handles = ShardHandles(self.paths)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def _file(self, shard: int) -> h5py.File:
-        if self._pid != os.getpid():  # a forked worker opens its own handles
-            self._pid, self._files = os.getpid(), {}
-        if shard not in self._files:
-            self._files[shard] = h5py.File(self.paths[shard], "r")
-        return self._files[shard]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_pid": -1, "_files": {}}
-
     def __getitem__(self, item: int) -> dict[str, Any]:
         shard, local = self.index[item]
-        f = self._file(shard)
+        f = self._handles.get(shard)
         task = self.task
         images = {s: self.normalizers[shard][s](f[s][local])[0] for s in task.sensors}
         if task.kind == "multilabel":
