@@ -18,29 +18,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from msgfm.sensors import get_sensor
+from msgfm.train.figures import to_rgb
 
 # Distinct class colours (tab10), background of building masks first.
 _PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
                      [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]]) / 255.0
-
-
-def _stretch(x_CHW: np.ndarray, low: np.ndarray | None = None, high: np.ndarray | None = None):
-    if low is None:
-        low = np.percentile(x_CHW, 2, axis=(1, 2), keepdims=True)
-        high = np.percentile(x_CHW, 98, axis=(1, 2), keepdims=True)
-    out = np.clip((x_CHW - low) / np.maximum(high - low, 1e-6), 0, 1)
-    return out, low, high
-
-
-def to_rgb(x_CHW: torch.Tensor, sensor: str, limits=None):
-    """A sensor image as an H x W x 3 picture in [0, 1] (its rgb_bands, 2-98 % stretch)."""
-    bands = list(get_sensor(sensor).rgb_bands)
-    picked = x_CHW.detach().float().cpu().numpy()[bands]
-    image, low, high = _stretch(picked, *(limits or (None, None)))
-    if image.shape[0] == 1:
-        image = np.repeat(image, 3, axis=0)
-    return image.transpose(1, 2, 0), (low, high)
 
 
 def _overlay(rgb_HW3: np.ndarray, classes_HW: np.ndarray, ignore_index: int) -> np.ndarray:

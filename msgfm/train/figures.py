@@ -3,7 +3,7 @@
 One row per (source sensor -> target sensor) case present in the batch, so a
 paired group shows self reconstruction (s2 -> s2) beside cross reconstruction
 (sar -> s2). Images are shown with the sensor's ``rgb_bands`` (msgfm.sensors),
-each panel stretched to its 2nd-98th percentile. Rendering uses matplotlib's
+each band of each panel stretched to its 2nd-98th percentile. Rendering uses matplotlib's
 object API (no pyplot state), so it can run on the tracking thread.
 
 Legend: C channels, H/W pixels, h/w mask-grid cells (model patches).
@@ -37,17 +37,26 @@ def figure_cases(out: dict[str, Any], images: dict[str, torch.Tensor]) -> list[d
     return cases
 
 
-def _to_rgb(x_CHW: torch.Tensor, sensor: str) -> np.ndarray:
+def _stretch(x_CHW: np.ndarray, low: np.ndarray | None = None, high: np.ndarray | None = None):
+    if low is None:
+        low = np.percentile(x_CHW, 2, axis=(1, 2), keepdims=True)
+        high = np.percentile(x_CHW, 98, axis=(1, 2), keepdims=True)
+    out = np.clip((x_CHW - low) / np.maximum(high - low, 1e-6), 0, 1)
+    return out, low, high
+
+
+def to_rgb(x_CHW: torch.Tensor, sensor: str, limits=None):
+    """A sensor image as an H x W x 3 picture in [0, 1] (its rgb_bands, 2-98 % stretch)."""
     bands = list(get_sensor(sensor).rgb_bands)
-    img = x_CHW[bands].numpy().astype(np.float32)
-    lo, hi = np.percentile(img, 2), np.percentile(img, 98)
-    img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
-    img_HWC = np.transpose(img, (1, 2, 0))
-    return np.repeat(img_HWC, 3, axis=2) if img_HWC.shape[2] == 1 else img_HWC
+    picked = x_CHW.detach().float().cpu().numpy()[bands]
+    image, low, high = _stretch(picked, *(limits or (None, None)))
+    if image.shape[0] == 1:
+        image = np.repeat(image, 3, axis=0)
+    return image.transpose(1, 2, 0), (low, high)
 
 
 def _masked(x_CHW: torch.Tensor, mask_hw: torch.Tensor, sensor: str) -> np.ndarray:
-    rgb = _to_rgb(x_CHW, sensor)
+    rgb, _ = to_rgb(x_CHW, sensor)
     scale = rgb.shape[0] // mask_hw.shape[0]
     mask_HW = mask_hw.repeat_interleave(scale, 0).repeat_interleave(scale, 1).numpy().astype(bool)
     rgb = rgb.copy()
@@ -72,8 +81,8 @@ def save_reconstruction_figure(cases: list[dict[str, Any]], group: str, path: Pa
         scale = pred.shape[-1] // case["mask_hw"].shape[-1]
         mask_HW = case["mask_hw"].repeat_interleave(scale, 0).repeat_interleave(scale, 1)
         blended = torch.where(mask_HW.unsqueeze(0), pred, case["target_CHW"])
-        panels = (_to_rgb(case["input_CHW"], src), _masked(case["input_CHW"], case["mask_hw"], src),
-                  _to_rgb(blended, tgt), _to_rgb(case["target_CHW"], tgt))
+        panels = (to_rgb(case["input_CHW"], src)[0], _masked(case["input_CHW"], case["mask_hw"], src),
+                  to_rgb(blended, tgt)[0], to_rgb(case["target_CHW"], tgt)[0])
         for c, (panel, title) in enumerate(zip(panels, titles)):
             ax = axes[r][c]
             ax.imshow(panel)
