@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,7 +38,7 @@ from msgfm.finetune.options import lr_scales_applied, param_groups, select_train
 from msgfm.finetune.tasks import build_task
 from msgfm.train import checkpoint as ckpt
 from msgfm.train import ds_config as dsc
-from msgfm.train.run import git_commit, seed_everything
+from msgfm.train.run import git_commit, init_process_group, seed_everything
 from msgfm.train.schedule import LRSchedule
 from msgfm.train.tracking import Tracker
 
@@ -47,21 +46,6 @@ log = logging.getLogger(__name__)
 
 # The metric that picks the best epoch, per task kind, and whether larger is better.
 BEST_METRIC = {"multilabel": ("mAP_micro", True), "segmentation": ("mIoU", True), "restoration": ("MAE", False)}
-
-
-def _init_process_group(on_gpu: bool) -> tuple[int, int]:
-    import deepspeed
-    import deepspeed.comm as dist
-
-    if "RANK" not in os.environ:  # plain `python launchers/finetune.py`: a one-process group
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if on_gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
-    return dist.get_rank(), dist.get_world_size()
 
 
 def _ds_config_for(cfg: FinetuneConfig, path: str, moe: bool, on_gpu: bool) -> dict[str, Any]:
@@ -91,7 +75,7 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
     on_gpu = torch.cuda.is_available()
     moe = cfg.model.moe.enabled
     ds_config = _ds_config_for(cfg, ds_config_path, moe, on_gpu)
-    rank, world = _init_process_group(on_gpu)
+    rank, world = init_process_group(on_gpu)
     out = Path(output_dir)
     seed_everything(cfg.train.seed)  # same initial head weights on every rank
     stats = task_stats(cfg, root)

@@ -64,6 +64,30 @@ def skip_cpu_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def init_process_group(on_gpu: bool) -> tuple[int, int]:
+    """Start DeepSpeed's process group (nccl on GPU, gloo on CPU); returns (rank, world size).
+
+    Under the deepspeed launcher or torchrun the environment names the ranks; a plain
+    ``python launchers/...`` run becomes a one-process group (DeepSpeed would otherwise try
+    MPI discovery and fail without mpi4py).
+    """
+    import deepspeed
+    import deepspeed.comm as dist
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        skip_cpu_shm_comm_op()
+        share_cpu_threads()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
 def share_cpu_threads() -> None:
     """CPU ranks on one machine split its cores (torch would give each rank all of them), unless
     OMP_NUM_THREADS says otherwise."""
@@ -99,15 +123,9 @@ def pretrain(config: str, overrides: Sequence[str], ds_config_path: str, data_ro
     startup_checks(cfg, ds_config, ds_name, env_world, {g: b for g, (b, _) in resolved.items()}, on_gpu)
     check_data_path(cfg, root)
 
-    import deepspeed
     import deepspeed.comm as dist
 
-    if on_gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        skip_cpu_shm_comm_op()
-        share_cpu_threads()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    init_process_group(on_gpu)
     out = Path(output_dir)
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
