@@ -10,16 +10,12 @@ import torch
 from msgfm.config import load_config
 from msgfm.train import checkpoint as ckpt
 from msgfm.train.ds_config import load_ds_config
-from test_train_support import write_tiny_config, write_tiny_data, write_tiny_ds_config
+from test_train_support import write_tiny_run
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ckpt")
-    write_tiny_data(folder, samples_per_group=12)
-    write_tiny_config(folder, folder / "data")
-    write_tiny_ds_config(folder)
-    return folder
+    return write_tiny_run(tmp_path_factory.mktemp("ckpt"), samples_per_group=12)
 
 
 def make_trainer(tiny: Path, out: Path, *overrides: str, tracking: bool = False):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_support import REPO, write_tiny_config, write_tiny_data, write_tiny_ds_config
+from test_train_support import REPO, write_tiny_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -61,10 +61,7 @@ def rank_pid(launcher: subprocess.Popen, local_rank: int) -> int | None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("dist")
-    write_tiny_data(folder, samples_per_group=40)
-    write_tiny_config(folder, folder / "data")
-    write_tiny_ds_config(folder)
+    folder = write_tiny_run(tmp_path_factory.mktemp("dist"), samples_per_group=40)
     a, b = folder / "run_a", folder / "run_b"
     # A and B run at the same time (2 cores: each rank gets about one)
     proc_a = launch(folder, a, folder / "a.log")

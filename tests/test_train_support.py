@@ -59,3 +59,11 @@ def write_tiny_data(folder: Path, samples_per_group: int = 40) -> Path:
 
     cfg_path = write_tiny_config(folder, folder / "data")
     return write_synthetic_data(load_config(cfg_path), folder / "data", samples_per_group)
+
+
+def write_tiny_run(folder: Path, samples_per_group: int) -> Path:
+    """Tiny synthetic data, the tiny config and its ds_config, all in ``folder``."""
+    write_tiny_data(folder, samples_per_group=samples_per_group)
+    write_tiny_config(folder, folder / "data")
+    write_tiny_ds_config(folder)
+    return folder

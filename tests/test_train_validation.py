@@ -10,16 +10,12 @@ from pathlib import Path
 import pytest
 
 from msgfm.train import pretrain
-from test_train_support import REPO, write_tiny_config, write_tiny_data, write_tiny_ds_config
+from test_train_support import REPO, write_tiny_ds_config, write_tiny_run
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny")
-    write_tiny_data(folder, samples_per_group=12)
-    write_tiny_config(folder, folder / "data")
-    write_tiny_ds_config(folder)
-    return folder
+    return write_tiny_run(tmp_path_factory.mktemp("tiny"), samples_per_group=12)
 
 
 def run(tiny: Path, *overrides: str, ds: Path | None = None, data_root: str | None = None, world: int = 2) -> None:
