@@ -15,7 +15,7 @@ from msgfm.config import list_configs, load_config
 from msgfm.data.stats import load_stats, write_stats
 from msgfm.finetune.config import load_finetune_config
 from msgfm.finetune.data import TaskDataset
-from msgfm.finetune.datasets import run as convert
+from msgfm.data.convert import run as convert
 from msgfm.finetune.tasks import RestorationTask, degrade, sliding_window, window_starts
 from msgfm.finetune.train import finetune
 from msgfm.models import build_pretrain_model

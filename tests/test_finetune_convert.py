@@ -12,9 +12,9 @@ from fixtures.make_sen12mscr import write_sen12mscr
 from fixtures.make_vaihingen import AREA_WITHOUT_DSM, write_vaihingen
 
 from msgfm.data.format import read_shard_info
-from msgfm.finetune.datasets import run as convert
-from msgfm.finetune.datasets.spacenet import block_mean
-from msgfm.finetune.datasets.vaihingen import colours_to_classes
+from msgfm.data.convert import run as convert
+from msgfm.data.convert.spacenet import block_mean
+from msgfm.data.convert.vaihingen import colours_to_classes
 from msgfm.sensors import get_sensor
 
 

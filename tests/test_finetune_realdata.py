@@ -16,7 +16,7 @@ from msgfm.data.fetch import FetchError, bigearthnet_examples
 from msgfm.data.stats import load_stats, write_stats
 from msgfm.finetune.config import load_finetune_config
 from msgfm.finetune.data import TaskDataset
-from msgfm.finetune.datasets import run as convert
+from msgfm.data.convert import run as convert
 from msgfm.finetune.metrics import RestorationMetrics, scalars
 from msgfm.finetune.tasks import RestorationTask
 from msgfm.finetune.train import finetune

@@ -10,7 +10,8 @@ Entry point: ``launchers/finetune.py`` -> :func:`msgfm.finetune.train.finetune`.
 - :mod:`~msgfm.finetune.tasks`    loss, metric and inference per task (sliding windows, Wald's protocol)
 - :mod:`~msgfm.finetune.metrics`  mAP, mIoU/OA, MAE/SAM/SSIM/PSNR/ERGAS over the whole evaluation set
 - :mod:`~msgfm.finetune.options`  layer-wise LR decay, linear probing, train fractions
-- :mod:`~msgfm.finetune.datasets` converters: vaihingen, sen12mscr, spacenet, spacenet-buildings
+- the downstream converters (vaihingen, sen12mscr, spacenet, spacenet-buildings) are `msgfm convert` kinds in
+  :mod:`msgfm.data.convert`
 
 See docs/finetune.md.
 """

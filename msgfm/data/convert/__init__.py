@@ -15,10 +15,10 @@ KINDS = {
     "raster-pair": "msgfm.data.convert.raster_pair",
     "imagefolder": "msgfm.data.convert.imagefolder",
     "geotiff": "msgfm.data.convert.geotiff",
-    # downstream datasets (msgfm/finetune/datasets); spacenet also registers spacenet-buildings
-    "vaihingen": "msgfm.finetune.datasets.vaihingen",
-    "sen12mscr": "msgfm.finetune.datasets.sen12mscr",
-    "spacenet": "msgfm.finetune.datasets.spacenet",
+    # downstream datasets; spacenet also registers spacenet-buildings
+    "vaihingen": "msgfm.data.convert.vaihingen",
+    "sen12mscr": "msgfm.data.convert.sen12mscr",
+    "spacenet": "msgfm.data.convert.spacenet",
 }
 
 
