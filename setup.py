@@ -76,7 +76,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["msgfm", "msgfm.*"]),
-    package_data={"msgfm": ["configs/*.yaml", "sensors/*.yaml"]},
+    package_data={"msgfm": ["configs/*.yaml"]},
     include_package_data=True,
     install_requires=RUNTIME,
     extras_require={"dev": DEV},

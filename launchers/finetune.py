@@ -13,7 +13,7 @@
 import argparse
 import sys
 
-from msgfm.finetune.config import TASKS
+from msgfm.config.finetune import TASKS
 from msgfm.finetune.train import finetune
 from msgfm.train.launch import parse_launcher_args, run_reporting_user_errors
 

@@ -26,7 +26,7 @@ def single_rank_dist():
         os.environ.setdefault("WORLD_SIZE", "1")
         import deepspeed
 
-        from msgfm.train.run import skip_cpu_shm_comm_op
+        from msgfm.train.runtime import skip_cpu_shm_comm_op
 
         skip_cpu_shm_comm_op()  # else DeepSpeed JIT-builds an op the tests never use (~40-100 s)
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)

@@ -9,7 +9,9 @@ import torch
 
 from msgfm.config import load_config
 from msgfm.train import checkpoint as ckpt
+from msgfm.data.plan import plan_data
 from msgfm.train.ds_config import load_ds_config
+from msgfm.train.pretrain import build_trainer
 from test_train_support import write_tiny_run
 
 
@@ -19,11 +21,10 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def make_trainer(tiny: Path, out: Path, *overrides: str, tracking: bool = False):
-    from msgfm.train.run import build_trainer
-
     cfg = load_config(tiny / "tiny.yaml", ["model.moe.expert_parallel_size=1", "train.checkpoint_interval=2",
                                            *overrides])
-    return build_trainer(cfg, load_ds_config(tiny / "ds_tiny.json"), tiny / "data", out, tracking=tracking)
+    return build_trainer(cfg, load_ds_config(tiny / "ds_tiny.json"), plan_data(cfg, tiny / "data"), out,
+                         tracking=tracking)
 
 
 def optimizer_tensors(engine) -> list[torch.Tensor]:
@@ -48,7 +49,7 @@ def test_round_trip_restores_params_optimizer_and_data(tiny, single_rank_dist, t
     assert changed > 0  # the load really replaced the fresh initial weights
     opt_a, opt_b = optimizer_tensors(a.engine), optimizer_tensors(b.engine)
     assert opt_a and len(opt_a) == len(opt_b) and all(torch.equal(x, y) for x, y in zip(opt_a, opt_b))
-    assert b.step == 3 and b.data.train.step == a.data.train.step == 3
+    assert b.step == 3 and b.data.step == a.data.step == 3
     assert b.engine.global_steps == a.engine.global_steps == 9  # one optimizer step per group per step
 
 
@@ -59,7 +60,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, single_rank_d
     t = make_trainer(tiny, tmp_path, "train.max_steps=8", "train.max_nonfinite_steps=2")
     t.resume(ckpt.find_latest(tmp_path / "checkpoints"))
     with torch.no_grad():
-        t.engine.module.mask_token.fill_(float("nan"))
+        t.engine.module.backbone.mask_token.fill_(float("nan"))
     with pytest.raises(RuntimeError, match=r"NaN/Inf for the last 2 steps.*step00000002"):
         t.fit()
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000002"

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_helpers import random_arrays, tiny_config, write_shard
+from msgfm.data.synthetic import random_arrays, write_shard
+from test_train_support import tiny_config
 from msgfm.data.dataset import GroupDataset
-from msgfm.data.pipeline import DataValidationError, build_pretrain_data, validate_data
+from msgfm.data.pipeline import build_pretrain_data
+from msgfm.data.plan import DataValidationError, plan_data, validate_data
 from msgfm.data.scheduler import CorruptSampleError
 from msgfm.data.stats import load_stats, write_stats
 from msgfm.data.transforms import SampleTransform
@@ -118,7 +120,7 @@ def test_corrupt_sample_is_replaced_logged_and_counted(corrupt_root):
 
     cfg = tiny_config([_group("rgb", ["rgb"], ["rgb/*.h5"], batch=4)], corrupt_root, img_size=32,
                       overrides=["data.val_fraction=0", "data.max_corrupt_fraction=0.1"])
-    data = build_pretrain_data(cfg, corrupt_root, 0, 1, seed=0)
+    data = build_pretrain_data(cfg, plan_data(cfg, corrupt_root), 0, 1, seed=0)
     sizes = [len(b["ids"]) for step in data.train for _, b in step]
     assert sizes == [4] * 5  # the batch size never shrinks
     assert data.train.corrupt_counts == {"rgb": 1} and data.train.samples_read == {"rgb": 21}
@@ -130,7 +132,7 @@ def test_too_many_corrupt_samples_stop_the_run(corrupt_root):
     _corrupt_chunks(shard, "rgb", [3, 4, 5, 8, 9, 10])
     cfg = tiny_config([_group("rgb", ["rgb"], ["rgb/*.h5"], batch=4)], corrupt_root,
                       overrides=["data.val_fraction=0", "data.max_corrupt_fraction=0.1"])
-    data = build_pretrain_data(cfg, corrupt_root, 0, 1, seed=0)
+    data = build_pretrain_data(cfg, plan_data(cfg, corrupt_root), 0, 1, seed=0)
     with pytest.raises(CorruptSampleError, match=r"'rgb': \d+ corrupt samples.*r0\.h5.*max_corrupt_fraction"):
         for _ in data.train:
             pass
@@ -190,7 +192,7 @@ def test_startup_warns_when_shards_differ_from_the_statistics(root, tmp_path):
 def _pipeline(root: Path, workers: int, rank=0, world=1, seed=0):
     cfg = tiny_config([_group("rgb", ["rgb"], ["rgb/*.h5"], batch=3, workers=workers),
                        _group("sen12ms", ["sar", "s2"], ["sen12ms/*.h5"], batch=2, workers=workers)], root)
-    return build_pretrain_data(cfg, root, rank, world, seed)
+    return build_pretrain_data(cfg, plan_data(cfg, root), rank, world, seed)
 
 
 def _flatten(step_batches):

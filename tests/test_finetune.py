@@ -13,12 +13,13 @@ from fixtures.make_vaihingen import write_vaihingen
 
 from msgfm.config import list_configs, load_config
 from msgfm.data.stats import load_stats, write_stats
-from msgfm.finetune.config import load_finetune_config
+from msgfm.config.finetune import load_finetune_config
 from msgfm.finetune.data import TaskDataset
 from msgfm.data.convert import run as convert
-from msgfm.finetune.tasks import RestorationTask, degrade, sliding_window, window_starts
+from msgfm.tasks.downstream import RestorationTask, degrade, sliding_window, window_starts
+from msgfm.finetune.build import encoder_config, new_model
 from msgfm.finetune.train import finetune
-from msgfm.models import build_pretrain_model
+from msgfm.tasks import build_pretrain_task
 
 FT_CONFIGS = [n for n in list_configs() if n.startswith("ft_")]
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def write_pretraining_checkpoint(folder: Path) -> Path:
     ckpt.mkdir(parents=True)
     run_cfg = load_config("demo_cpu", ["model.moe.expert_parallel_size=1"])
     torch.manual_seed(0)
-    torch.save({"module": build_pretrain_model(run_cfg).state_dict(), "msgfm": {"config": run_cfg.to_dict()}},
+    torch.save({"module": build_pretrain_task(run_cfg).state_dict(), "msgfm": {"config": run_cfg.to_dict()}},
                ckpt / "mp_rank_00_model_states.pt")
     (ckpt / "COMPLETE").write_text(json.dumps({"step": 1, "world_size": 1, "tag": ckpt.name}))
     (folder / "checkpoints" / "latest").write_text(ckpt.name)
@@ -114,7 +115,8 @@ def test_restoration_units_round_trip(tmp_path):
     convert(["sen12mscr", str(tmp_path / "raw"), "-o", str(tmp_path / "s"), "--workers", "1"])
     stats = load_stats(write_stats(sorted((tmp_path / "s").glob("*.h5")), progress=False))
     cfg = load_finetune_config("ft_sen12mscr_tiny")
-    task = RestorationTask(cfg.task, stats, 64)
+    task = new_model(cfg, encoder_config(cfg, None), stats)
+    assert isinstance(task, RestorationTask)
     dataset = TaskDataset(sorted((tmp_path / "s").glob("*.h5")), cfg.task, stats, train=False)
     sample = dataset[0]
     assert sample["target"].shape == (12, 64, 64) and 0 <= sample["target"].min() and sample["target"].max() <= 1
@@ -197,19 +199,19 @@ def test_launcher_reports_user_errors_in_one_line(tmp_path, capsys):
 def test_layer_decay_reaches_the_deepspeed_optimizer(single_rank_dist):
     import deepspeed
 
-    from msgfm.finetune.build import encoder_config, new_model
-    from msgfm.finetune.options import lr_scales_applied, param_groups
+    from msgfm.finetune.options import param_groups
+    from msgfm.train.optim import set_lr
     from msgfm.train.ds_config import load_ds_config
 
     cfg = load_finetune_config("ft_ben_tiny", ["model.moe.enabled=false", "transfer.layer_decay=0.5"])
     model = new_model(cfg, encoder_config(cfg, None))
-    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5, depths=model.encoder_depths,
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5, depths=cfg.model.depths,
                           no_weight_decay=model.no_weight_decay())
     ds_config = {**load_ds_config("ds_configs/cpu.json"), "train_micro_batch_size_per_gpu": 2}
     ds_config.pop("train_batch_size", None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups, lr=1.0),
                                            config=ds_config, dist_init_required=False)
-    lr_scales_applied(engine.optimizer, 1e-3)
+    set_lr(engine.optimizer, 1e-3)
     lrs = {g["layer_id"]: g["lr"] for g in engine.optimizer.param_groups}
     assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-3 * 0.5**9)
     assert sorted(lrs) == list(range(10))

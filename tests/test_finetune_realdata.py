@@ -14,11 +14,12 @@ from test_finetune import write_pretraining_checkpoint
 from msgfm.data.convert import run as convert_pretraining_kind
 from msgfm.data.fetch import FetchError, bigearthnet_examples
 from msgfm.data.stats import load_stats, write_stats
-from msgfm.finetune.config import load_finetune_config
+from msgfm.config.finetune import load_finetune_config
 from msgfm.finetune.data import TaskDataset
 from msgfm.data.convert import run as convert
-from msgfm.finetune.metrics import RestorationMetrics, scalars
-from msgfm.finetune.tasks import RestorationTask
+from msgfm.tasks.metrics import RestorationMetrics, scalars
+from msgfm.tasks.downstream import RestorationTask
+from msgfm.finetune.build import encoder_config, new_model
 from msgfm.finetune.train import finetune
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
@@ -73,7 +74,7 @@ def test_ben_finetune_mlflow_resume_and_eval_only(single_rank_dist, ben_shards, 
 
     # auto-resume: two more epochs continue from the last checkpoint (epoch 6, step 6)
     assert finetune("ft_ben_tiny", ["schedule.epochs=8", "train.log_interval=1"], "ds_configs/cpu.json", **args) == 0
-    assert "at epoch 6 (step 6)" in capsys.readouterr().out
+    assert "at step 6 (epoch 6)" in capsys.readouterr().out
     assert (out / "checkpoints" / "latest").read_text() == "step00000008"
     assert len(client.get_metric_history(run_id, "val/mAP_micro")) == 8  # the same MLflow run goes on
 
@@ -101,7 +102,8 @@ def test_spacenet_pansharpening_real_pair(single_rank_dist, realdata, tmp_path, 
     # the no-learning baseline of Wald's protocol: the degraded MS, upsampled bicubically
     cfg = load_finetune_config("ft_spacenet_tiny")
     stats = load_stats(shards / "stats.json")
-    task = RestorationTask(cfg.task, stats, 64)
+    task = new_model(cfg, encoder_config(cfg, None), stats)
+    assert isinstance(task, RestorationTask)
     dataset = TaskDataset(sorted(shards.glob("*.h5")), cfg.task, stats, train=False)
     baseline = RestorationMetrics(cfg.task.data_range, ergas_ratio=2)
     for i in range(len(dataset)):

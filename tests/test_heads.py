@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msgfm.finetune.heads import LinearHead, RestorationDecoder, UPerNetHead
+from msgfm.tasks.heads import LinearHead, RestorationDecoder, UPerNetHead
 
 CHANNELS = [8, 16, 32, 64]
 

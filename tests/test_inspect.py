@@ -6,7 +6,7 @@ import argparse
 import h5py
 import numpy as np
 
-from data_helpers import random_arrays, write_shard
+from msgfm.data.synthetic import random_arrays, write_shard
 from msgfm.data import inspect as inspect_module
 from msgfm.data.format import LabelSpec, SensorArraySpec, ShardWriter, multilabel_spec
 from msgfm.data.stats import write_stats

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from msgfm.config import load_config
-from msgfm.data.masking import SimMIMMaskGenerator, upsample_mask
+from msgfm.tasks.masking import SimMIMMaskGenerator, upsample_mask
 
 
 @pytest.mark.parametrize("config", ["msgfm_swinb_192", "demo_cpu"])
 def test_ratio_and_patch_structure_follow_the_config(config):
     cfg = load_config(config)
-    gen = SimMIMMaskGenerator.from_config(cfg)
+    gen = SimMIMMaskGenerator.from_config(cfg.model, cfg.masking)
     masks = gen(16, generator=torch.Generator().manual_seed(0))
     side = cfg.model.img_size // cfg.model.patch_size
     assert masks.dtype == torch.bool and masks.shape == (16, side, side)

@@ -10,7 +10,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn.metrics import average_precision_score
 
-from msgfm.finetune.metrics import MultilabelMeanAP, RestorationMetrics, SegmentationMetrics, scalars
+from msgfm.tasks.metrics import MultilabelMeanAP, RestorationMetrics, SegmentationMetrics, scalars
 
 
 def _sklearn_ap(target: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from msgfm.config import load_config
-from msgfm.models import MsGFM, build_pretrain_model, count_parameters, init_expert_groups, reinit_experts
+from msgfm.models import init_expert_groups, reinit_experts
+from msgfm.tasks import build_pretrain_task, count_parameters
 from msgfm.sensors import get_sensor
 
 
 def _demo(*overrides: str) -> tuple:
     cfg = load_config("demo_cpu", ["model.moe.expert_parallel_size=1", *overrides])
     torch.manual_seed(0)
-    return cfg, build_pretrain_model(cfg)
+    return cfg, build_pretrain_task(cfg)
 
 
 def _rgb_batch(cfg, batch_size: int = 8) -> dict[str, torch.Tensor]:
@@ -24,12 +25,12 @@ def _rgb_batch(cfg, batch_size: int = 8) -> dict[str, torch.Tensor]:
 def test_expert_load_counts_routes_and_dropped_tokens(single_rank_dist, capacity_factor):
     cfg, model = _demo(f"model.moe.capacity_factor={capacity_factor}")
     init_expert_groups(model)
-    (name, layer), = model.moe_layers().items()
+    (name, layer), = model.backbone.moe_layers().items()
     outputs = []
     layer.register_forward_hook(lambda module, args, out: outputs.append(out.detach()))
     with torch.no_grad():
-        out = model(_rgb_batch(cfg), "rgb")
-    load = model.expert_load()[name]
+        out = model({"images": _rgb_batch(cfg)}, "rgb")
+    load = model.backbone.expert_load()[name]
     num_tokens = outputs[0].shape[0] * outputs[0].shape[1]
     assert int(load["tokens_per_expert"].sum()) == num_tokens  # top-1: one route per token
     torch.testing.assert_close(load["share"].sum(), torch.tensor(1.0))
@@ -37,15 +38,15 @@ def test_expert_load_counts_routes_and_dropped_tokens(single_rank_dist, capacity
     zero_rows = int((outputs[0].flatten(0, 1) == 0).all(dim=1).sum())
     assert load["dropped_fraction"] == pytest.approx(zero_rows / num_tokens)
     assert (zero_rows > 0) == (capacity_factor < 1)
-    torch.testing.assert_close(out["aux_loss"], layer.aux_loss.float())
+    torch.testing.assert_close(out["metrics"]["aux_loss"], layer.aux_loss.float())
 
 
 def test_expert_parallel_model_needs_groups_and_a_fitting_world(single_rank_dist):
     cfg = load_config("demo_cpu")  # expert_parallel_size 2: builds without any process group
-    model = build_pretrain_model(cfg)
-    assert {m.moe.num_local_experts for m in model.moe_layers().values()} == {2}
+    model = build_pretrain_task(cfg)
+    assert {m.moe.num_local_experts for m in model.backbone.moe_layers().values()} == {2}
     with pytest.raises(RuntimeError, match="init_expert_groups"):
-        model(_rgb_batch(cfg), "rgb")
+        model({"images": _rgb_batch(cfg)}, "rgb")
     with pytest.raises(ValueError, match="expert_parallel_size=2 does not divide the world size 1"):
         init_expert_groups(model)
 
@@ -53,18 +54,18 @@ def test_expert_parallel_model_needs_groups_and_a_fitting_world(single_rank_dist
 def test_init_expert_groups_attaches_each_layer_once(single_rank_dist):
     _, model = _demo()
     assert init_expert_groups(model) == 1
-    assert all(m.moe.deepspeed_moe.ep_group is not None for m in model.moe_layers().values())
+    assert all(m.moe.deepspeed_moe.ep_group is not None for m in model.backbone.moe_layers().values())
     assert init_expert_groups(model) == 0
 
 
 def test_reinit_experts_gives_distinct_experts_independent_of_the_split():
     cfg1 = load_config("demo_cpu", ["model.moe.expert_parallel_size=1"])
     cfg2 = load_config("demo_cpu", ["model.moe.expert_parallel_size=2"])
-    whole, half = build_pretrain_model(cfg1), build_pretrain_model(cfg2)
+    whole, half = build_pretrain_task(cfg1), build_pretrain_task(cfg2)
     reinit_experts(whole, seed=7, ep_rank=0)
     reinit_experts(half, seed=7, ep_rank=1)
-    experts_whole = next(iter(whole.moe_layers().values())).moe.deepspeed_moe.experts.deepspeed_experts
-    experts_half = next(iter(half.moe_layers().values())).moe.deepspeed_moe.experts.deepspeed_experts
+    experts_whole = next(iter(whole.backbone.moe_layers().values())).moe.deepspeed_moe.experts.deepspeed_experts
+    experts_half = next(iter(half.backbone.moe_layers().values())).moe.deepspeed_moe.experts.deepspeed_experts
     fc1 = [e.fc1.weight for e in experts_whole]
     assert all(not torch.equal(fc1[i], fc1[j]) for i in range(4) for j in range(i + 1, 4))
     for j in range(2):  # rank 1 of 2 holds global experts 2 and 3
@@ -99,7 +100,7 @@ def test_paper_parameter_counts():
     # Global totals do not depend on the expert-parallel split, and a rank's model holds 1/8 of the experts.
     assert count_parameters(load_config("msgfm_swinb_192", ["model.moe.expert_parallel_size=1"])) == counts
     with torch.device("meta"):
-        local = sum(p.numel() for p in MsGFM(cfg).parameters())
+        local = sum(p.numel() for p in build_pretrain_task(cfg).parameters())
     assert local == counts["model_total"] - counts["encoder_experts"] * 7 // 8
     bands = sum(get_sensor(s).num_channels for s in cfg.sensors_in_model)
     assert counts["decoders"] == 1024 * 32 * 32 * bands + 32 * 32 * bands

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_helpers import tiny_config
+from test_train_support import tiny_config
 from msgfm.config import load_config
 from msgfm.data.scheduler import (CorruptSampleError, CorruptTracker, GroupOrder, HeterogeneousScheduler,
                                   StepRangeBatchSampler, resolve_group_batches, split_train_val)

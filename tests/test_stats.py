@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_helpers import random_arrays, write_shard
+from msgfm.data.synthetic import random_arrays, write_shard
 from msgfm.data import stats as stats_module
 from msgfm.data.stats import MissingStatsError, expand_shard_args, load_stats, write_stats
 

@@ -1,4 +1,4 @@
-"""A dense msgfm encoder with one sensor's embedding is a timm Swin: both directions, two configurations."""
+"""A dense msgfm backbone with one sensor's embedding is a timm Swin: both directions, two configurations."""
 from __future__ import annotations
 
 import pytest
@@ -6,14 +6,13 @@ import torch
 from timm.models.swin_transformer import SwinTransformer
 
 from msgfm.config import load_config
-from msgfm.models import build_pretrain_model, export_timm_state_dict, load_timm_state_dict
+from msgfm.models import MsGFMBackbone, export_timm_state_dict, load_timm_state_dict
 from msgfm.sensors import get_sensor
 
 CONFIGS = {
     # 64 px, window 4: stage 2's 4x4 grid is one unshifted window, stage 3's 2x2 grid shrinks the window to 2.
     "demo": ("demo_cpu", ["model.moe.enabled=false"]),
     # Swin-B/192 (window 6) with reduced depth: stage 3's 6x6 grid is one unshifted window.
-    # (Only the rgb sensor, to skip building three large decoders.)
     "swinb192_shallow": ("msgfm_swinb_192", ["model.moe.enabled=false", "model.depths=[2,2,2,2]", "model.sensors=[rgb]",
                                              "data.groups=[{name: rgb, sensors: [rgb], lr: 1.0e-4}]"]),
 }
@@ -23,7 +22,7 @@ def _pair(config: str, sensor: str) -> tuple:
     name, overrides = CONFIGS[config]
     cfg = load_config(name, overrides)
     torch.manual_seed(0)
-    model = build_pretrain_model(cfg).eval()
+    model = MsGFMBackbone(cfg.model, cfg.kernels, cfg.sensors_in_model).eval()
     m = cfg.model
     timm_model = SwinTransformer(img_size=m.img_size, patch_size=m.patch_size,
                                  in_chans=get_sensor(sensor).num_channels,
@@ -59,7 +58,7 @@ def test_timm_weights_load_into_msgfm_with_equal_features(config, sensor):
 def test_clear_errors_for_moe_models_and_mismatched_weights():
     cfg = load_config("demo_cpu", ["model.moe.expert_parallel_size=1"])
     with pytest.raises(ValueError, match="DeepSpeed-MoE experts"):
-        export_timm_state_dict(build_pretrain_model(cfg), "rgb")
+        export_timm_state_dict(MsGFMBackbone(cfg.model, cfg.kernels, cfg.sensors_in_model), "rgb")
     model, timm_model, _ = _pair("demo", "rgb")
     with pytest.raises(ValueError, match=r"sensor 's2' has 12 bands"):
         load_timm_state_dict(model, timm_model.state_dict(), "s2")

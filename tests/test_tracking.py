@@ -12,7 +12,7 @@ def test_unreachable_server_is_reported_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracker = Tracker(TrackingConfig(tracking_uri="http://127.0.0.1:9"), tmp_path, active=True)
-    tracker.start("r", {"a": {"b": 1}}, {"t": "x"}, {})
+    tracker.open("r", {"a": {"b": 1}}, {"t": "x"}, {}, resumed=False)
     for step in range(3):
         tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
     tracker.close(timeout_s=60)

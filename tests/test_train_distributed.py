@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reference_losses import REFERENCE, compare, logged_losses
 from test_train_support import REPO, write_tiny_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -95,6 +96,14 @@ def test_ep2_zero2_trains_and_loss_falls(runs):
     assert last < first, f"loss did not fall: {loss}"
     log = (runs["folder"] / "a.log").read_text()
     assert "ZeRO-2" in log and "2 rank(s)" in log and "creating a new group named: ep_size_2" in log
+
+
+def test_losses_equal_the_recorded_reference(runs):
+    """Refactors change no number: every step's losses equal those recorded from a known commit
+    (tests/reference_losses.py; exact on the machine kind they were recorded on)."""
+    reference = json.loads(REFERENCE.read_text())
+    problems = compare(logged_losses(runs["a"]), reference["tiny"], reference["machine"])
+    assert not problems, "\n".join(problems[:10])
 
 
 def test_resume_after_sigkill_gives_identical_losses(runs):
@@ -178,12 +187,12 @@ def test_checkpoints_published_atomically_and_pruned(runs):
 
 def test_consolidated_weights_load_without_process_group(runs):
     from msgfm.config import load_config
-    from msgfm.models import build_pretrain_model
+    from msgfm.tasks import build_pretrain_task
     from msgfm.train.checkpoint import load_client_state, load_model_state_dict
 
     state = load_model_state_dict(runs["a"])  # a run folder resolves to its newest checkpoint
     cfg = load_config(runs["folder"] / "tiny.yaml", ["model.moe.expert_parallel_size=1"])
-    model = build_pretrain_model(cfg)
+    model = build_pretrain_task(cfg)
     missing, unexpected = model.load_state_dict(state, strict=True)
     assert not missing and not unexpected
     experts = [k for k in state if ".deepspeed_experts." in k]
@@ -200,16 +209,17 @@ def test_consolidated_weights_load_without_process_group(runs):
 def test_finetuning_starts_from_the_two_rank_moe_checkpoint(runs):
     """The whole chain: fine-tuning reads the engine's expert-parallel checkpoint (experts of both ranks)."""
     from msgfm.finetune.build import build_finetune_model
-    from msgfm.finetune.config import load_finetune_config
+    from msgfm.config.finetune import load_finetune_config
     from msgfm.finetune.transfer import ENCODER_PREFIX
+    from msgfm.models import backbone_state
     from msgfm.train.checkpoint import load_model_state_dict
 
     cfg = load_finetune_config("ft_ben_tiny", ["model.img_size=32"])  # the pretraining size: nothing resampled
     model, report = build_finetune_model(cfg, runs["a"])
     assert report.embeddings_from == {s: "pretrained" for s in cfg.task.sensors}
     assert not report.interpolated and not [k for k in report.missing if k.startswith(ENCODER_PREFIX)]
-    pretrained = load_model_state_dict(runs["a"])
-    encoder = model.encoder.state_dict()
+    pretrained = backbone_state(load_model_state_dict(runs["a"]))
+    encoder = model.backbone.encoder.state_dict()
     assert {k.split(".deepspeed_experts.")[1].split(".")[0] for k in encoder if ".deepspeed_experts." in k} == {
         "0", "1", "2", "3"}
     for key, value in encoder.items():

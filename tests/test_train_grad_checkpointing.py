@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 
 from msgfm.config import load_config
+from msgfm.data.plan import plan_data
 from msgfm.train.ds_config import load_ds_config
+from msgfm.train.pretrain import build_trainer
 from test_train_support import write_tiny_config, write_tiny_data, write_tiny_ds_config
 
 
 def run_losses(folder: Path, out: Path, *overrides: str) -> list[float]:
-    from msgfm.train.run import build_trainer
-
     cfg = load_config(folder / "tiny.yaml", ["model.moe.expert_parallel_size=1", "train.max_steps=2",
                                              "train.checkpoint_interval=100", *overrides])
-    trainer = build_trainer(cfg, load_ds_config(folder / "ds_tiny.json"), folder / "data", out)
+    trainer = build_trainer(cfg, load_ds_config(folder / "ds_tiny.json"), plan_data(cfg, folder / "data"), out)
     trainer.fit()
     trainer.tracker.close()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

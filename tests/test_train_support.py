@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import yaml
+
+from msgfm.config import RunConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +58,7 @@ def write_tiny_ds_config(folder: Path, **changes) -> Path:
 
 def write_tiny_data(folder: Path, samples_per_group: int = 40) -> Path:
     from msgfm.config import load_config
-    from msgfm.train.synthetic import write_synthetic_data
+    from msgfm.data.synthetic import write_synthetic_data
 
     cfg_path = write_tiny_config(folder, folder / "data")
     return write_synthetic_data(load_config(cfg_path), folder / "data", samples_per_group)
@@ -67,3 +70,12 @@ def write_tiny_run(folder: Path, samples_per_group: int) -> Path:
     write_tiny_config(folder, folder / "data")
     write_tiny_ds_config(folder)
     return folder
+
+
+def tiny_config(groups: Sequence[Mapping], root: Path, *, img_size: int = 32, overrides: Sequence[str] = ()
+                ) -> RunConfig:
+    """demo_cpu shrunk to ``img_size`` with the given data groups (dicts as in the YAML)."""
+    groups_yaml = yaml.safe_dump([dict(g) for g in groups], default_flow_style=True).strip()
+    return load_config("demo_cpu", overrides=[f"model.img_size={img_size}", f"data.root={root}",
+                                              "masking.mask_patch_size=16", f"data.groups={groups_yaml}",
+                                              "data.pin_memory=false", *overrides])

@@ -5,7 +5,7 @@
     deepspeed --num_gpus 8 --module msgfm.bench.train --config msgfm_swinb_192 --deepspeed_config ds_configs/v100x8.json
 
 Without ``--data-root`` (or when it is missing) the benchmark writes synthetic shards of the
-config's size to a temporary folder (msgfm.train.synthetic): it measures the engine, not disk.
+config's size to a temporary folder (msgfm.data.synthetic): it measures the engine, not disk.
 
 Timing. Each group's step is split into data wait (next batch), forward, backward
 (``engine.backward``) and optimizer step (``engine.step``); on GPU the device is synchronised
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _init_process_group(on_gpu: bool) -> None:
     import deepspeed
 
-    from msgfm.train.run import share_cpu_threads, skip_cpu_shm_comm_op
+    from msgfm.train.runtime import share_cpu_threads, skip_cpu_shm_comm_op
 
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(29700 + os.getpid() % 200))):
@@ -80,11 +80,11 @@ def count_step_flops(trainer, step_batches) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     flops = {}
-    engine = trainer.engine
+    engine, task = trainer.engine, trainer.task
     for group, batch in step_batches:
-        images = {s: trainer._to_device(x) for s, x in batch["images"].items()}
+        inputs = task.prepare(batch, group, trainer.device, trainer.dtype)
         with FlopCounterMode(display=False) as counter:
-            out = engine(images, group)
+            out = engine(inputs, group)
             engine.backward(out["loss"])
         engine.step()
         flops[group] = float(counter.get_total_flops())
@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from msgfm.config import load_config
     from msgfm.train.ds_config import load_ds_config, precision, zero_stage
-    from msgfm.train.run import build_trainer
-    from msgfm.train.synthetic import write_synthetic_data
+    from msgfm.data.plan import plan_data
+    from msgfm.data.synthetic import write_synthetic_data
+    from msgfm.train.pretrain import build_trainer
 
     world, rank = dist.get_world_size(), dist.get_rank()
     overrides = list(args.overrides)
@@ -122,19 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             write_synthetic_data(cfg, data_root, per_group)
         dist.barrier()
-    trainer = build_trainer(cfg, ds_config, data_root, Path(tmp.name) / "out", tracking=False)
+    trainer = build_trainer(cfg, ds_config, plan_data(cfg, data_root), Path(tmp.name) / "out", tracking=False)
     engine = trainer.engine
     from deepspeed.comm.comm import comms_logger
     from deepspeed.comm.comm import timers as comm_timers
 
-    batches = iter(trainer.data.train)
+    batches = iter(trainer.data)
 
     def next_batches():
         nonlocal batches
         try:
             return next(batches)
         except StopIteration:
-            batches = iter(trainer.data.train)
+            batches = iter(trainer.data)
             return next(batches)
 
     flops = count_step_flops(trainer, next_batches())
@@ -154,9 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         wait = _sync(on_gpu) - t0
         for i, (group, batch) in enumerate(step_batches):
             t0 = _sync(on_gpu)
-            images = {s: trainer._to_device(x) for s, x in batch["images"].items()}
-            valid = {s: v.to(trainer.device) for s, v in batch.get("valid", {}).items()} or None
-            out = engine(images, group, valid=valid)
+            inputs = trainer.task.prepare(batch, group, trainer.device, trainer.dtype)
+            out = engine(inputs, group)
             t1 = _sync(on_gpu)
             engine.backward(out["loss"])
             t2 = _sync(on_gpu)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[group]["forward"] += t1 - t0
                 times[group]["backward"] += t2 - t1
                 times[group]["optimizer step"] += t3 - t2
-                samples[group] += next(iter(images.values())).shape[0] * world
+                samples[group] += next(iter(inputs["images"].values())).shape[0] * world
     total = _sync(on_gpu) - total_start
     comm_ms = sum(comm_timers(name).elapsed(reset=False) for name in comms_logger.comms_dict)
     if rank != 0:

@@ -9,6 +9,8 @@ from msgfm.config.loader import (CONFIG_DIR, apply_override, config_from_dict, f
 from msgfm.config.schema import (NUM_PATCH_MERGES, AugmentConfig, DataConfig, DataGroupConfig, KernelsConfig,
                                  MaskingConfig, ModelConfig, MoEConfig, OptimizerConfig, PretrainConfig, RunConfig,
                                  ScheduleConfig, TrackingConfig, TrainConfig, check_sensor, config_error)
+from msgfm.config.finetune import (TASK_KINDS, TASKS, FinetuneConfig, FinetuneDataConfig, FinetuneTrainConfig,
+                                   TaskConfig, TransferConfig, load_finetune_config, save_finetune_config)
 from msgfm.sensors import SensorSpec, register_sensor
 
 __all__ = [
@@ -16,6 +18,8 @@ __all__ = [
     "MaskingConfig", "ModelConfig", "MoEConfig", "OptimizerConfig", "PretrainConfig", "RunConfig", "ScheduleConfig",
     "SensorSpec", "TrackingConfig", "TrainConfig", "config_from_dict", "list_configs", "load_config",
     "parse_override", "register_sensor", "resolve_config_path", "save_config",
-    # building blocks for configs of other entry points (msgfm.finetune.config)
     "apply_override", "check_sensor", "config_error", "from_dict", "read_yaml_tree",
+    # fine-tuning runs (msgfm/config/finetune.py)
+    "TASKS", "TASK_KINDS", "FinetuneConfig", "FinetuneDataConfig", "FinetuneTrainConfig", "TaskConfig",
+    "TransferConfig", "load_finetune_config", "save_finetune_config",
 ]

@@ -17,8 +17,10 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from msgfm.config import (KernelsConfig, ModelConfig, OptimizerConfig, ScheduleConfig, TrackingConfig, apply_override,
-                          check_sensor, config_error, from_dict, read_yaml_tree, parse_override)
+from msgfm.config.loader import apply_override, from_dict, parse_override, read_yaml_tree
+from msgfm.config.schema import (KernelsConfig, ModelConfig, OptimizerConfig, ScheduleConfig, TrackingConfig,
+                                 check_sensor, config_error)
+from msgfm.sensors import SensorSpec, register_sensor
 
 TASKS = ("ben", "vaihingen", "sen12mscr", "spacenet", "spacenet_buildings")
 TaskKind = Literal["multilabel", "segmentation", "restoration"]
@@ -146,11 +148,13 @@ class FinetuneTrainConfig:
     keep_last: int = 2
     max_eval_batches: int | None = None
     num_figures: int = 4  # prediction figures logged per evaluation
+    # Consecutive non-finite losses tolerated (fp16 overflow skips) before the run stops.
+    max_nonfinite_steps: int = 20
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             config_error("train.lr", f"must be > 0, got {self.lr}")
-        for key in ("log_interval", "eval_interval_epochs", "keep_last"):
+        for key in ("log_interval", "eval_interval_epochs", "keep_last", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 config_error(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
 
@@ -188,8 +192,6 @@ class FinetuneConfig:
 
 def load_finetune_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """A shipped fine-tuning config by name (``ft_ben_tiny``) or a YAML path, with dotted overrides."""
-    from msgfm.config import SensorSpec, register_sensor
-
     tree = read_yaml_tree(name_or_path)
     for text in overrides:
         parts, value = parse_override(text)

@@ -181,7 +181,7 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> RunC
     tree = read_yaml_tree(name_or_path)
     if "task" in tree and "task" not in {f.name for f in dataclasses.fields(RunConfig)}:
         raise ValueError(f"'{name_or_path}' is a fine-tuning config (it has a 'task'); load it with "
-                         f"msgfm.finetune.config.load_finetune_config or launchers/finetune.py")
+                         f"msgfm.config.load_finetune_config or launchers/finetune.py")
     for text in overrides:
         parts, value = parse_override(text)
         apply_override(tree, parts, value, text)

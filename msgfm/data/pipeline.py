@@ -1,14 +1,11 @@
-"""From a run config to the engine's data: start-up checks, datasets, loaders, scheduler.
+"""From a run's data plan to the engine's data: datasets, loaders, the scheduler.
 
-    data = build_pretrain_data(cfg, data_root, rank, world_size, seed)
+    plan = plan_data(cfg, data_root)                 # msgfm/data/plan.py: validated once
+    data = build_pretrain_data(cfg, plan, rank, world_size, seed)
     for epoch in range(data.train.epoch, cfg.schedule.epochs):
         for step_batches in data.train:              # one (group, batch) per group, config order
             ...
     checkpoint["data"] = data.train.state_dict(); checkpoint["stats"] = data.stats
-
-:func:`validate_data` runs first and reads metadata only (plus the first and last sample of
-each sensor, which catches truncated files); it reports every problem it finds at once,
-each with its group, file and sensor, and what to run.
 """
 from __future__ import annotations
 
@@ -25,112 +22,13 @@ from torch.utils.data import DataLoader
 
 from msgfm.config import DataGroupConfig, RunConfig
 from msgfm.data.dataset import GroupDataset, collate_samples
-from msgfm.data.format import ShardError, ShardInfo, read_shard_info
-from msgfm.data.scheduler import (CorruptTracker, FixedBatchSampler, GroupOrder, HeterogeneousScheduler,
-                                  StepRangeBatchSampler, resolve_group_batches, split_train_val)
-from msgfm.data.stats import MissingStatsError, Stats, default_stats_path, load_stats
+from msgfm.data.plan import DataPlan, GroupSummary
+from msgfm.data.scheduler import (CorruptTracker, FixedBatchSampler, HeterogeneousScheduler,
+                                  StepRangeBatchSampler)
 from msgfm.data.transforms import SampleTransform
 from msgfm.sensors import get_sensor
 
 log = logging.getLogger(__name__)
-
-
-class DataValidationError(ValueError):
-    """The configured data cannot be used; the message lists every problem found."""
-
-
-@dataclass(kw_only=True)
-class GroupSummary:
-    """What start-up validation found for one group."""
-
-    name: str
-    sensors: list[str]
-    globs: list[str]
-    shards: list[ShardInfo]
-    num_samples: int
-    stats: Stats | None
-    stats_path: Path | None
-
-    def describe(self) -> str:
-        return (f"group '{self.name}' ({'+'.join(self.sensors)}): {self.num_samples} samples in "
-                f"{len(self.shards)} shards, stats {self.stats_path}")
-
-
-def shard_globs(group: DataGroupConfig, data_root: Path) -> list[str]:
-    """The group's shard globs, relative ones joined to ``data_root``."""
-    return [g if Path(g).is_absolute() else str(Path(data_root) / g) for g in group.shards]
-
-
-def stats_path_for(shard_paths: list[Path], stats_file: str) -> Path:
-    """Where a group's statistics live: ``stats_file`` in the shards' common folder, unless absolute."""
-    return Path(stats_file) if Path(stats_file).is_absolute() else default_stats_path(shard_paths, stats_file)
-
-
-def _check_group(cfg: RunConfig, group: DataGroupConfig, data_root: Path, problems: list[str]) -> GroupSummary:
-    where = f"group '{group.name}'"
-    globs = shard_globs(group, data_root)
-    paths: dict[Path, None] = {}
-    if not group.shards:
-        problems.append(f"{where}: no shard globs configured (data.groups[{group.name}].shards)")
-    for pattern in globs:
-        matches = sorted(glob.glob(pattern, recursive=True))
-        if not matches:
-            problems.append(f"{where}: shard glob '{pattern}' (data root {data_root}) matches no file; create "
-                            f"shards with `msgfm convert ...` (the sample data: `msgfm prepare-sample DIR`) or "
-                            f"fix data.root / data.groups[{group.name}].shards")
-        paths.update(dict.fromkeys(Path(m) for m in matches))
-    infos = []
-    for path in paths:
-        try:
-            info = read_shard_info(path, check_data=True)
-        except ShardError as err:
-            problems.append(f"{where}: {err}")
-            continue
-        missing = [s for s in group.sensors if s not in info.sensors]
-        if missing:
-            problems.append(f"{where}: {path}: sensor dataset(s) {missing} missing; the shard holds "
-                            f"{list(info.sensors)} (group '{info.group}')")
-            continue
-        infos.append(info)
-    total = sum(i.num_samples for i in infos)
-    summary = GroupSummary(name=group.name, sensors=list(group.sensors), globs=globs, shards=infos,
-                           num_samples=total, stats=None, stats_path=None)
-    if paths and not infos:
-        problems.append(f"{where}: no usable shard among the {len(paths)} matched (see above)")
-    if not infos:
-        return summary
-    summary.stats_path = stats_path_for([i.path for i in infos], cfg.data.stats_file)
-    hint = " ".join(shlex.quote(g) for g in globs)
-    try:
-        stats = load_stats(summary.stats_path, hint=hint)
-        for sensor in group.sensors:
-            bands = stats.sensor(sensor).bands
-            if bands != get_sensor(sensor).bands:
-                raise ValueError(f"{stats.path}: statistics of sensor '{sensor}' are for bands {list(bands)}, "
-                                 f"the sensor has {list(get_sensor(sensor).bands)}; run `msgfm stats {hint}` again")
-    except (MissingStatsError, ValueError) as err:
-        problems.append(f"{where}: {err}")
-        return summary
-    summary.stats = stats
-    changes = stats.source_changes([i.path for i in infos])
-    if changes:
-        warnings.warn(f"{where}: the statistics {stats.path} were computed from other files than the shards in "
-                      f"use ({'; '.join(changes[:5])}{' ...' if len(changes) > 5 else ''}); run `msgfm stats "
-                      f"{hint}` again if the data changed", stacklevel=3)
-    return summary
-
-
-def validate_data(cfg: RunConfig, data_root: str | Path) -> dict[str, GroupSummary]:
-    """Check every configured group's shards and statistics; raise one
-    :class:`DataValidationError` listing all problems, else return a summary per group."""
-    data_root = Path(data_root)
-    if not cfg.data.groups:
-        raise DataValidationError("config key 'data.groups' is empty: declare at least one data group")
-    problems: list[str] = []
-    summaries = {g.name: _check_group(cfg, g, data_root, problems) for g in cfg.data.groups}
-    if problems:
-        raise DataValidationError(f"{len(problems)} data problem(s):\n  - " + "\n  - ".join(problems))
-    return summaries
 
 
 class ValLoader:
@@ -169,17 +67,14 @@ def _loader(dataset: GroupDataset, sampler: Any, group: DataGroupConfig, pin_mem
                       prefetch_factor=prefetch_factor if workers > 0 else None)
 
 
-def build_pretrain_data(cfg: RunConfig, data_root: str | Path, rank: int, world_size: int,
-                        seed: int) -> PretrainData:
-    """Validate the data, then build one dataset and DataLoader per group (train and val) and
-    the scheduler over them. Every rank calls it with the same config and seed."""
+def build_pretrain_data(cfg: RunConfig, plan: DataPlan, rank: int, world_size: int, seed: int) -> PretrainData:
+    """One dataset and DataLoader per group (train and val) and the scheduler over them, from the run's
+    data plan (msgfm/data/plan.py). Every rank calls it with the same config, plan and seed."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
-    summaries = validate_data(cfg, data_root)
+    summaries = plan.summaries
     for s in summaries.values():
         log.info(s.describe())
-    group_sizes = {name: s.num_samples for name, s in summaries.items()}
-    resolved = resolve_group_batches(cfg, group_sizes)
     pin_memory = cfg.data.pin_memory and torch.cuda.is_available()
     if cfg.data.pin_memory and not pin_memory:
         warnings.warn("data.pin_memory is ignored: no CUDA device (set it to false for CPU runs)", stacklevel=2)
@@ -187,14 +82,13 @@ def build_pretrain_data(cfg: RunConfig, data_root: str | Path, rank: int, world_
     train_tf = SampleTransform(img_size=cfg.model.img_size, train=True, crop_scale=tuple(aug.crop_scale),
                                crop_ratio=tuple(aug.crop_ratio), hflip=aug.hflip, vflip=aug.vflip)
     val_tf = SampleTransform(img_size=cfg.model.img_size, train=False)
-    tracker = CorruptTracker(cfg.data.max_corrupt_fraction, group_sizes)
+    tracker = CorruptTracker(cfg.data.max_corrupt_fraction, plan.group_sizes)
+    orders = plan.group_orders(cfg, rank, world_size, seed)
+    splits = plan.split(cfg, seed)
     names, loaders, samplers, val = [], [], [], {}
-    for position, group in enumerate(cfg.data.groups):
-        summary = summaries[group.name]
-        batch_size, _ = resolved[group.name]
-        train_idx, val_idx = split_train_val(summary.num_samples, cfg.data.val_fraction, seed, position)
-        order = GroupOrder(indices=train_idx, batch_size=batch_size, rank=rank, world_size=world_size,
-                           seed=seed, group_position=position)
+    for group in cfg.data.groups:
+        summary, order = summaries[group.name], orders[group.name]
+        _, val_idx = splits[group.name]
         pool = order.indices[rank * order.per_rank:(rank + 1) * order.per_rank]
         train_ds = GroupDataset(summary.shards, group.sensors, summary.stats, train_tf, name=group.name,
                                 replacement_pool=pool)
@@ -202,7 +96,7 @@ def build_pretrain_data(cfg: RunConfig, data_root: str | Path, rank: int, world_
         names.append(group.name)
         samplers.append(sampler)
         loaders.append(_loader(train_ds, sampler, group, pin_memory, cfg.data.prefetch_factor, persistent=True))
-        val_sampler = FixedBatchSampler(val_idx, batch_size, rank, world_size)
+        val_sampler = FixedBatchSampler(val_idx, order.batch_size, rank, world_size)
         if cfg.data.val_fraction > 0 and len(val_sampler) == 0:
             warnings.warn(f"group '{group.name}': {len(val_idx)} validation samples for {world_size} ranks give "
                           f"no validation batch; raise data.val_fraction", stacklevel=2)
@@ -214,5 +108,5 @@ def build_pretrain_data(cfg: RunConfig, data_root: str | Path, rank: int, world_
     scheduler = HeterogeneousScheduler(names, loaders, samplers, tracker, seed)
     return PretrainData(train=scheduler, val=val,
                         stats={name: s.stats.to_dict() for name, s in summaries.items()},
-                        group_sizes=group_sizes, batch_sizes={n: b for n, (b, _) in resolved.items()},
-                        lrs={n: lr for n, (_, lr) in resolved.items()}, summaries=summaries)
+                        group_sizes=plan.group_sizes, batch_sizes=dict(plan.batch_sizes), lrs=dict(plan.lrs),
+                        summaries=summaries)

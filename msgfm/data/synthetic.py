@@ -1,14 +1,19 @@
-"""Tiny synthetic pretraining data in the real shard layout, for tests and benchmarks.
+"""Synthetic shards in the real layout: the one home of fake data for tests, benchmarks and ``msgfm doctor``.
 
-Every configured group gets one shard of smooth random fields (a few random
-sinusoids per band plus a little noise: learnable, so the loss falls) written
-with the format's :class:`~msgfm.data.format.ShardWriter`, and the band
-statistics with :func:`~msgfm.data.stats.write_stats`, exactly where a run
-config's ``data.groups[*].shards`` and ``data.stats_file`` look for them.
+- :func:`write_synthetic_data`: every group of a run config gets one shard of smooth random
+  fields (a few random sinusoids per band plus a little noise: learnable, so the loss falls)
+  and its band statistics, exactly where ``data.groups[*].shards`` and ``data.stats_file`` look.
+- :func:`write_shard` / :func:`random_arrays`: one shard of given arrays, and plausible raw
+  values per sensor in their storage dtypes, for reader, statistics and format tests.
+
+Everything is written with the format's :class:`~msgfm.data.format.ShardWriter` (the layout
+``msgfm convert`` produces). Raw dataset layouts (GeoTIFF folders) for the converter tests are
+written by the scripts in tests/fixtures/.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -39,7 +44,7 @@ def write_synthetic_data(cfg: RunConfig, root: str | Path, samples_per_group: in
         shard = root / pattern.replace("*", "part0")
         specs = {s: SensorArraySpec(dtype="float32", channels=get_sensor(s).num_channels, height=size, width=size)
                  for s in group.sensors}
-        with ShardWriter(shard, group.name, specs, source="msgfm.train.synthetic") as writer:
+        with ShardWriter(shard, group.name, specs, source="msgfm.data.synthetic") as writer:
             for i in range(samples_per_group):
                 base = _field(rng, 1, size)  # shared structure: a pair's sensors see the same place
                 images = {s: (base + 0.5 * _field(rng, spec.channels, size)).astype(np.float32)
@@ -47,3 +52,38 @@ def write_synthetic_data(cfg: RunConfig, root: str | Path, samples_per_group: in
                 writer.append(images, sample_id=f"{group.name}_{i:05d}")
         write_stats([shard], shard.parent / cfg.data.stats_file, progress=False)
     return root
+
+
+def write_shard(path: Path, group: str, arrays: Mapping[str, np.ndarray], *,
+                nodata: Mapping[str, float] | None = None, scale: Mapping[str, float] | None = None,
+                offset: Mapping[str, float] | None = None, compression: str | None = None,
+                ids: Sequence[str] | None = None) -> Path:
+    """One shard holding ``arrays[sensor]`` of shape (N, C, H, W)."""
+    nodata, scale, offset = dict(nodata or {}), dict(scale or {}), dict(offset or {})
+    num = len(next(iter(arrays.values())))
+    specs = {s: SensorArraySpec(dtype=a.dtype.name, channels=a.shape[1], height=a.shape[2], width=a.shape[3],
+                                nodata=nodata.get(s), scale=scale.get(s, 1.0), offset=offset.get(s, 0.0))
+             for s, a in arrays.items()}
+    with ShardWriter(path, group, specs, compression=compression) as writer:
+        for i in range(num):
+            writer.append({s: a[i] for s, a in arrays.items()},
+                          sample_id=ids[i] if ids is not None else f"{group}/{path.stem}/{i}")
+    return path
+
+
+def random_arrays(sensors: Sequence[str], num: int, size: int, seed: int) -> dict[str, np.ndarray]:
+    """Plausible raw values per sensor: rgb uint8, s2 uint16, sar float32 dB, dsm float32 metres."""
+    rng = np.random.default_rng(seed)
+    channels = {"rgb": 3, "s2": 12, "sar": 2, "dsm": 1}
+    out = {}
+    for s in sensors:
+        shape = (num, channels[s], size, size)
+        if s == "rgb":
+            out[s] = rng.integers(0, 256, shape, dtype=np.uint8)
+        elif s == "s2":
+            out[s] = rng.integers(0, 10000, shape, dtype=np.uint16)
+        elif s == "sar":
+            out[s] = rng.normal(-12, 4, shape).astype(np.float32)
+        else:
+            out[s] = rng.normal(100, 30, shape).astype(np.float32)
+    return out

@@ -1,10 +1,9 @@
-"""Build the fine-tuning model of a config and initialise it: pretrained msGFM, timm weights, or random.
+"""Build the fine-tuning task of a config and initialise it: pretrained msGFM, timm weights, or random.
 
-Every initialisation goes through one path: a state dict in the pretraining model's
-layout (``embeddings.<sensor>.*``, ``encoder.*``) is mapped onto the fine-tuning
-model by :func:`load_pretrained` (see msgfm/finetune/transfer.py for the rules).
-timm weights get there through ``msgfm.models.load_timm_state_dict`` into a dense
-one-sensor pretraining model.
+Every initialisation goes through one path: a state dict in the backbone layout
+(``embeddings.<sensor>.*``, ``encoder.*``; see msgfm/models/adapter.py, which also turns
+pretraining checkpoints and timm weights into it) is mapped onto the task's backbone by
+:func:`load_pretrained` (the rules are in msgfm/finetune/transfer.py).
 """
 from __future__ import annotations
 
@@ -16,14 +15,15 @@ from typing import Any, Mapping
 
 import torch
 
-from msgfm.config import ModelConfig, from_dict
-from msgfm.finetune.config import FinetuneConfig
-from msgfm.finetune.model import FinetuneModel
+from msgfm.config import FinetuneConfig, ModelConfig, from_dict
+from msgfm.data.stats import Stats
+from msgfm.errors import MissingFileError, UserError
 from msgfm.finetune.options import freeze
-from msgfm.finetune.transfer import (BIAS_TABLE, ENCODER_PREFIX, TransferError, TransferReport,
-                                     adapt_encoder_state, embedding_sensor, interpolate_bias_table, sensor_embeddings,
-                                     stack_embeddings)
+from msgfm.finetune.transfer import (ENCODER_PREFIX, TransferError, TransferReport, adapt_encoder_state, embedding_sensor,
+                                     sensor_embeddings, stack_embeddings)
+from msgfm.models import MsGFMBackbone, backbone_state, timm_to_backbone
 from msgfm.sensors import get_sensor
+from msgfm.tasks.downstream import TASK_CLASSES, DownstreamTask, backbone_embeddings, stacked_name
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +64,40 @@ def encoder_config(cfg: FinetuneConfig, pretrained_model: Mapping[str, Any] | No
     return from_dict(ModelConfig, tree, "model")
 
 
-def new_model(cfg: FinetuneConfig, model_cfg: ModelConfig) -> FinetuneModel:
+def new_model(cfg: FinetuneConfig, model_cfg: ModelConfig, stats: Stats | None = None) -> DownstreamTask:
+    """The task module of ``cfg`` with a freshly initialised backbone of ``model_cfg`` (no mask token).
+
+    ``stats`` (the task's normalization statistics) are needed by restoration tasks only."""
     task = cfg.task
+    channels = {s: get_sensor(s).num_channels for s in task.sensors}
+    backbone = MsGFMBackbone(model_cfg, cfg.kernels, backbone_embeddings(task.sensors, channels,
+                                                                       cfg.transfer.method), mask_token=False)
     if task.kind == "restoration":
+        if stats is None:
+            raise UserError(f"task '{task.name}' predicts physical units: it needs the training statistics")
         outputs = get_sensor(task.target_sensor).num_channels
     else:
         outputs = task.num_classes
-    return FinetuneModel(model_cfg, cfg.kernels, task.sensors, cfg.transfer.method, task.kind,
-                         num_outputs=outputs, head_channels=cfg.transfer.head_channels,
-                         head_norm=cfg.transfer.head_norm, head_dropout=cfg.transfer.head_dropout)
+    return TASK_CLASSES[task.kind](backbone, task, stats, method=cfg.transfer.method, num_outputs=outputs,
+                                   head_channels=cfg.transfer.head_channels, head_norm=cfg.transfer.head_norm,
+                                   head_dropout=cfg.transfer.head_dropout, layernorm=cfg.kernels.layernorm)
 
 
-def load_pretrained(model: FinetuneModel, state: Mapping[str, torch.Tensor]) -> TransferReport:
-    """Copy a pretraining-layout state dict into ``model`` (encoder + sensor embeddings); report by name."""
+def load_pretrained(task: DownstreamTask, state: Mapping[str, torch.Tensor]) -> TransferReport:
+    """Copy a backbone-layout state dict into the task's backbone (encoder + sensor embeddings); report
+    by name (backbone-relative names; the task's own new parts, e.g. ``head.*``, count as missing)."""
     report = TransferReport()
-    own = model.state_dict()
+    own = task.backbone.state_dict()
     new_state = adapt_encoder_state(state, own, report)
     pretrained_embeds = sensor_embeddings(state)
-    if model.method == "stack":
-        target = {k[len("embed."):]: v for k, v in own.items() if k.startswith("embed.")}
-        stacked, report.embeddings_from = stack_embeddings(pretrained_embeds, model.sensors, model.channels, target)
-        new_state.update({f"embed.{k}": v for k, v in stacked.items()})
+    channels = {s: get_sensor(s).num_channels for s in task.sensors}
+    if task.method == "stack":
+        prefix = f"embeddings.{stacked_name(task.sensors)}."
+        target = {k[len(prefix):]: v for k, v in own.items() if k.startswith(prefix)}
+        stacked, report.embeddings_from = stack_embeddings(pretrained_embeds, task.sensors, channels, target)
+        new_state.update({prefix + k: v for k, v in stacked.items()})
     else:
-        for sensor in model.sensors:
+        for sensor in task.sensors:
             if sensor not in pretrained_embeds:
                 report.embeddings_from[sensor] = "random"
                 continue
@@ -97,70 +108,58 @@ def load_pretrained(model: FinetuneModel, state: Mapping[str, torch.Tensor]) -> 
                                         f"the fine-tuning model needs {tuple(own[key].shape)}")
                 new_state[key] = value
             report.embeddings_from[sensor] = "pretrained"
-    model.load_state_dict(new_state, strict=False)
-    consumed = {k for k in state if k.startswith(ENCODER_PREFIX) or embedding_sensor(k) in model.sensors}
+    task.backbone.load_state_dict(new_state, strict=False)
+    consumed = {k for k in state if k.startswith(ENCODER_PREFIX) or embedding_sensor(k) in task.sensors}
     report.loaded = sorted(new_state)
-    report.missing = sorted(k for k in own if k not in new_state)
+    report.missing = sorted(k for k in own if k not in new_state) + \
+        sorted(k for k in task.state_dict() if not k.startswith("backbone."))
     report.unused = sorted(k for k in state if k not in consumed)
     return report
 
 
-def timm_as_pretrain_state(cfg: FinetuneConfig, weights: str | Path) -> dict[str, torch.Tensor]:
-    """timm Swin weights -> a pretraining-layout state dict (through msgfm.models.load_timm_state_dict)."""
-    from msgfm.config import RunConfig
-    from msgfm.models import build_pretrain_model, load_timm_state_dict
-
+def timm_backbone_state(cfg: FinetuneConfig, weights: str | Path) -> dict[str, torch.Tensor]:
+    """timm Swin weights as a backbone-layout state dict for the task sensor ``transfer.timm_sensor``."""
     sensor = cfg.transfer.timm_sensor or cfg.task.sensors[0]
     if sensor not in cfg.task.sensors:
-        raise ValueError(f"transfer.timm_sensor '{sensor}' is not one of the task's sensors {cfg.task.sensors}")
+        raise UserError(f"transfer.timm_sensor '{sensor}' is not one of the task's sensors {cfg.task.sensors}")
     path = Path(weights)
     if not path.is_file():
-        raise FileNotFoundError(f"transfer.timm_weights: no file at {path}; save a timm SwinTransformer's "
-                                f"state_dict() there (torch.save) or give a .safetensors file")
+        raise MissingFileError(f"transfer.timm_weights: no file at {path}; save a timm SwinTransformer's "
+                               f"state_dict() there (torch.save) or give a .safetensors file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         timm_state = load_file(str(path))
     else:
         timm_state = torch.load(path, map_location="cpu", weights_only=True)
-    model_tree = dataclasses.asdict(cfg.model)
-    model_tree["sensors"] = [sensor]
-    model_tree["moe"]["enabled"] = False
-    run_cfg = from_dict(RunConfig, {"model": model_tree, "data": {"groups": []}})
-    pretrain = build_pretrain_model(run_cfg)
-    own = pretrain.encoder.state_dict()
-    # timm checkpoints of another window (e.g. 12 for Swin-B/384): resample the bias tables first
-    timm_state = {k: interpolate_bias_table(v, (int(round(own[k].shape[0] ** 0.5)) + 1) // 2)
-                  if k.endswith(BIAS_TABLE) and k in own and own[k].shape != v.shape else v
-                  for k, v in timm_state.items()}
-    load_timm_state_dict(pretrain, timm_state, sensor)
-    return pretrain.state_dict()
+    # a timm checkpoint of another window (e.g. 12 for Swin-B/384) is resampled by adapt_encoder_state
+    return timm_to_backbone(timm_state, sensor)
 
 
-def build_finetune_model(cfg: FinetuneConfig, pretrained: str | Path | None = None
-                         ) -> tuple[FinetuneModel, TransferReport | None]:
-    """The model of ``cfg``, initialised as ``transfer.init`` says; frozen encoder for linear probing."""
+def build_finetune_model(cfg: FinetuneConfig, pretrained: str | Path | None = None, stats: Stats | None = None,
+                         ) -> tuple[DownstreamTask, TransferReport | None]:
+    """The task module of ``cfg``, initialised as ``transfer.init`` says; frozen backbone for linear probing."""
     init = cfg.transfer.init
     report = None
     if init == "pretrained":
         if pretrained is None:
-            raise ValueError("transfer.init is 'pretrained': pass --pretrained CKPT_DIR (a pretraining checkpoint "
-                             "or run folder), or set transfer.init=random for the random-init baseline")
+            raise UserError("transfer.init is 'pretrained': pass --pretrained CKPT_DIR (a pretraining checkpoint "
+                            "or run folder), or set transfer.init=random for the random-init baseline")
         from msgfm.train.checkpoint import load_client_state, load_model_state_dict
 
-        state = load_model_state_dict(pretrained)
+        state = backbone_state(load_model_state_dict(pretrained))
         model_cfg = encoder_config(cfg, checkpoint_model_config(load_client_state(pretrained)))
-        model = new_model(cfg, model_cfg)
+        model = new_model(cfg, model_cfg, stats)
         report = load_pretrained(model, state)
     elif init == "timm":
         if cfg.model.moe.enabled:
-            raise ValueError("transfer.init=timm: timm Swin weights are dense; set model.moe.enabled=false")
-        model = new_model(cfg, encoder_config(cfg, None))
-        report = load_pretrained(model, timm_as_pretrain_state(cfg, cfg.transfer.timm_weights))
+            raise UserError("transfer.init=timm: timm Swin weights are dense; set model.moe.enabled=false")
+        model = new_model(cfg, encoder_config(cfg, None), stats)
+        report = load_pretrained(model, timm_backbone_state(cfg, cfg.transfer.timm_weights))
     else:
         if pretrained is not None:
-            raise ValueError(f"--pretrained was given but transfer.init={init}; set transfer.init=pretrained")
-        model = new_model(cfg, encoder_config(cfg, None))
+            raise UserError(f"--pretrained was given but transfer.init={init}; set transfer.init=pretrained")
+        model = new_model(cfg, encoder_config(cfg, None), stats)
     if report is not None:
         log.info(report.summary())
     if cfg.transfer.freeze_encoder:

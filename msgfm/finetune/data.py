@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Sequence
+import warnings
+from typing import Any, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -26,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from msgfm.data.dataset import ShardHandles, normalizer_for
 from msgfm.data.format import LABELS_GROUP, ShardInfo, read_shard_info
 from msgfm.data.stats import Stats, expand_shard_args, load_stats
-from msgfm.finetune.config import FinetuneConfig, TaskConfig
+from msgfm.config import FinetuneConfig, TaskConfig
+from msgfm.errors import UserError
 from msgfm.sensors import get_sensor
 
 
@@ -64,7 +66,9 @@ class TaskDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, item: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Sample ``key``: an index, or (index, augmentation seed) from the training sampler."""
+        item, seed = key if isinstance(key, tuple) else (key, None)
         shard, local = self.index[item]
         f = self._handles.get(shard)
         task = self.task
@@ -81,8 +85,9 @@ class TaskDataset(Dataset):
         if task.kind == "restoration":
             target = target.clamp(*task.clip_range)
         sample_id = self.all_ids[int(self._starts[shard]) + local]
-        # the global `random` is seeded per process (and per DataLoader worker by torch)
-        images, target = self._augment(images, target, random)
+        # each training sample carries its own seed: the same flips and crops with any number of workers,
+        # and after a resume mid-epoch
+        images, target = self._augment(images, target, random.Random(seed) if seed is not None else random)
         return {"images": images, "target": target, "id": sample_id}
 
     def _augment(self, images: dict[str, torch.Tensor], target: torch.Tensor, rng: Any):
@@ -156,15 +161,58 @@ def task_stats(cfg: FinetuneConfig, root: Path) -> Stats:
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, rank: int, world: int, seed: int, epoch: int,
-                num_workers: int, pin_memory: bool) -> DataLoader:
-    """Each rank reads a disjoint slice; training shuffles per epoch with a seed and drops the last
-    partial batch (equal step counts on every rank), evaluation keeps every sample exactly once."""
+                num_workers: int, pin_memory: bool, start_batch: int = 0) -> DataLoader:
+    """Each rank reads a disjoint slice; training shuffles per epoch with a seed, gives every sample an
+    augmentation seed and drops the last partial batch (equal step counts on every rank), from batch
+    ``start_batch`` of the epoch on; evaluation keeps every sample exactly once."""
     if train:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(len(dataset), generator=generator).tolist()
+        aug_seeds = torch.randint(0, 2**62, (len(dataset),), generator=generator).tolist()
         per_rank = len(order) // world
-        indices = order[rank * per_rank:(rank + 1) * per_rank]
-    else:
-        indices = list(range(rank, len(dataset), world))
+        mine = range(rank * per_rank, (rank + 1) * per_rank)
+        keys = [(order[i], aug_seeds[i]) for i in mine]
+        full = len(keys) // batch_size
+        batches = [keys[b * batch_size:(b + 1) * batch_size] for b in range(start_batch, full)]
+        return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
+                          collate_fn=collate, persistent_workers=False)
+    indices = list(range(rank, len(dataset), world))
     subset = torch.utils.data.Subset(dataset, indices)
-    return DataLoader(subset, batch_size=batch_size, shuffle=False, drop_last=train, num_workers=num_workers,
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
                       pin_memory=pin_memory, collate_fn=collate, persistent_workers=False)
+
+
+class EpochBatches:
+    """Fine-tuning's training batches as the trainer reads them: one ``(group, batch)`` per step, a new
+    seeded order every epoch; the position (a step count) travels with checkpoints, so a resumed run
+    continues mid-epoch with the same batches."""
+
+    def __init__(self, dataset: TaskDataset, group: str, batch_size: int, *, rank: int, world: int, seed: int,
+                 num_workers: int, pin_memory: bool) -> None:
+        self.dataset, self.group, self.batch_size = dataset, group, batch_size
+        self.rank, self.world, self.seed = rank, world, seed
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.steps_per_epoch = len(dataset) // (batch_size * world)
+        if self.steps_per_epoch < 1:
+            raise UserError(f"{len(dataset)} training samples make no full batch of {batch_size} x {world} "
+                            f"ranks; lower data.batch_size_per_gpu")
+        self.step = 0  # the next step to yield
+
+    def __iter__(self) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+        epoch, position = divmod(self.step, self.steps_per_epoch)
+        loader = make_loader(self.dataset, self.batch_size, train=True, rank=self.rank, world=self.world,
+                             seed=self.seed, epoch=epoch, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                             start_batch=position)
+        for batch in loader:
+            self.step += 1  # counted before handing out: a checkpoint taken now resumes after it
+            yield [(self.group, batch)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "seed": self.seed, "steps_per_epoch": self.steps_per_epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("steps_per_epoch") not in (None, self.steps_per_epoch):
+            warnings.warn(f"steps per epoch changed since the checkpoint ({state['steps_per_epoch']} -> "
+                          f"{self.steps_per_epoch}): the data or batch size differ, so the order differs from the "
+                          f"interrupted run", stacklevel=2)
+        self.step = int(state["step"])

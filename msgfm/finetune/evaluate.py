@@ -6,20 +6,20 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from msgfm.finetune.figures import save_per_class_table, save_restoration_figure, save_segmentation_figure
-from msgfm.finetune.metrics import scalars
-from msgfm.finetune.tasks import RestorationTask, SegmentationTask, Task
+from msgfm.tasks.downstream import DownstreamTask, RestorationTask, SegmentationTask
+from msgfm.tasks.metrics import scalars
 
 
 @torch.no_grad()
-def evaluate(forward: Callable, task: Task, loader: DataLoader, device: torch.device, dtype: torch.dtype | None,
+def evaluate(task: DownstreamTask, loader: DataLoader, device: torch.device, dtype: torch.dtype | None,
              *, max_batches: int | None = None, num_figures: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(metric result, first ``num_figures`` samples for figures). ``forward(images, base)`` runs the model.
+    """(metric result, first ``num_figures`` samples for figures), with ``task.predict``.
 
     Every rank evaluates its slice; the torchmetrics states are reduced over ranks in ``compute``.
     The RNG is forked and seeded: DeepSpeed's MoE gate drops over-capacity tokens at random even in
@@ -28,10 +28,10 @@ def evaluate(forward: Callable, task: Task, loader: DataLoader, device: torch.de
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
-        return _evaluate(forward, task, loader, device, dtype, max_batches, num_figures)
+        return _evaluate(task, loader, device, dtype, max_batches, num_figures)
 
 
-def _evaluate(forward: Callable, task: Task, loader: DataLoader, device: torch.device, dtype: torch.dtype | None,
+def _evaluate(task: DownstreamTask, loader: DataLoader, device: torch.device, dtype: torch.dtype | None,
               max_batches: int | None, num_figures: int) -> tuple[dict[str, Any], dict[str, Any]]:
     metric = task.metric()
     kept: dict[str, list[torch.Tensor]] = {"images": [], "prediction": [], "target": [], "base": []}
@@ -39,7 +39,7 @@ def _evaluate(forward: Callable, task: Task, loader: DataLoader, device: torch.d
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        prediction = task.predict(forward, batch, device, dtype)
+        prediction = task.predict(batch, device, dtype)
         task.update(metric, prediction, batch)
         samples += len(batch["ids"])
         if sum(len(x) for x in kept["prediction"]) < num_figures:
@@ -54,7 +54,7 @@ def _evaluate(forward: Callable, task: Task, loader: DataLoader, device: torch.d
     return result, figures
 
 
-def write_outputs(task: Task, result: dict[str, Any], figures: dict[str, Any], folder: Path, split: str,
+def write_outputs(task: DownstreamTask, result: dict[str, Any], figures: dict[str, Any], folder: Path, split: str,
                   class_names: list[str]) -> dict[str, Path]:
     """Per-class CSV and the prediction figure of one evaluation; returns artifact path -> file."""
     files: dict[str, Path] = {}

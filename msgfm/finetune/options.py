@@ -5,7 +5,7 @@ of stage i is layer ``sum(depths[:i]) + j + 1``, the patch merging that opens
 stage i (timm's ``layers.i.downsample``) shares the id of the last block before
 it, the final norm and everything outside the encoder (the head) is the top
 layer ``sum(depths) + 1``. Parameter group ``lr_scale`` = decay ** (top - id); the
-training loop multiplies each group's LR by it.
+trainer multiplies each group's LR by it (msgfm.train.optim.set_lr).
 """
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ from torch import nn
 
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.blocks\.(\d+)\.")
 _DOWNSAMPLE = re.compile(r"(?:^|\.)layers\.(\d+)\.downsample\.")
-_EMBED = re.compile(r"(?:^|\.)(patch_embed|embeds?|mask_token)(\.|$)")
+_EMBED = re.compile(r"(?:^|\.)(patch_embed|embeddings|embeds?|mask_token)(\.|$)")
+ENCODER_PREFIX = "backbone.encoder."  # the shared encoder's parameters in a task module
 
 
-def swin_layer_id(name: str, depths: Sequence[int], encoder_prefix: str = "encoder.") -> int:
+def swin_layer_id(name: str, depths: Sequence[int], encoder_prefix: str = ENCODER_PREFIX) -> int:
     """The layer-decay id of a parameter name (see the module docstring)."""
     top = sum(depths) + 1
     if _EMBED.search(name):
@@ -40,7 +41,7 @@ def swin_layer_id(name: str, depths: Sequence[int], encoder_prefix: str = "encod
 
 
 def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float, depths: Sequence[int],
-                 no_weight_decay: Iterable[str] = (), encoder_prefix: str = "encoder.") -> list[dict]:
+                 no_weight_decay: Iterable[str] = (), encoder_prefix: str = ENCODER_PREFIX) -> list[dict]:
     """AdamW parameter groups: no decay on 1-D tensors (norms, biases) and on ``no_weight_decay`` names
     (relative position tables, mask token), and an ``lr_scale`` per layer when ``layer_decay`` < 1.
 
@@ -110,8 +111,3 @@ def select_train_fraction(ids: Sequence[str], fraction: float, seed: int, path: 
     tmp.replace(path)
     return chosen
 
-
-def lr_scales_applied(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
-    """Set each param group's LR to ``base_lr`` x its ``lr_scale`` (1 when absent)."""
-    for group in optimizer.param_groups:
-        group["lr"] = base_lr * group.get("lr_scale", 1.0)

@@ -1,22 +1,25 @@
-"""msGFM models: per-sensor embeddings, the shared Swin (+ DeepSpeed-MoE) encoder, SimMIM decoders."""
-from msgfm.models.decoder import SimMIMDecoder
+"""The msGFM backbone: per-sensor embeddings, a mask token, the shared Swin (+ DeepSpeed-MoE) encoder.
+
+Objectives around it (pretraining, downstream tasks) live in :mod:`msgfm.tasks`.
+"""
+from msgfm.models.adapter import (backbone_state, backbone_to_timm, export_timm_state_dict, load_timm_state_dict,
+                                  timm_to_backbone)
+from msgfm.models.backbone import MsGFMBackbone
 from msgfm.models.embed import PatchEmbed
-from msgfm.models.interop import export_timm_state_dict, load_timm_state_dict
-from msgfm.models.moe import MoEMlp, init_expert_groups, reinit_experts
-from msgfm.models.msgfm import MsGFM, build_pretrain_model
-from msgfm.models.params import count_parameters
+from msgfm.models.moe import MoEMlp, init_expert_groups, moe_modules, reinit_experts
 from msgfm.models.swin import SwinEncoder
 
 __all__ = [
     "MoEMlp",
-    "MsGFM",
+    "MsGFMBackbone",
     "PatchEmbed",
-    "SimMIMDecoder",
     "SwinEncoder",
-    "build_pretrain_model",
-    "count_parameters",
+    "backbone_state",
+    "backbone_to_timm",
     "export_timm_state_dict",
     "init_expert_groups",
     "load_timm_state_dict",
+    "moe_modules",
     "reinit_experts",
+    "timm_to_backbone",
 ]

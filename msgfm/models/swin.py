@@ -4,11 +4,11 @@ Module and parameter names follow ``timm.models.swin_transformer.SwinTransformer
 ``layers.{i}.downsample.{norm,reduction}``, ``layers.{i}.blocks.{j}.{norm1, attn.qkv, attn.proj,
 attn.relative_position_bias_table, norm2, mlp.fc1, mlp.fc2}``, ``norm``; a dense encoder plus a
 :class:`~msgfm.models.embed.PatchEmbed` therefore *is* a timm Swin up to a prefix rename
-(msgfm/models/interop.py). As in timm, stages 1..3 start with a PatchMerging, every odd block
+(msgfm/models/adapter.py). As in timm, stages 1..3 start with a PatchMerging, every odd block
 of a stage uses shifted windows, and a stage whose token grid is not larger than the window
 attends over the whole grid (window = grid, no shift).
 
-The encoder starts from patch embeddings (the per-sensor f_i live in msgfm/models/msgfm.py).
+The encoder starts from patch embeddings (the per-sensor f_i live in msgfm/models/backbone.py).
 Attention runs through :func:`msgfm.ops.window_attention`, with the implementation resolved
 from ``kernels.attention`` on the input's device at every forward.
 
@@ -23,36 +23,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from msgfm.config import NUM_PATCH_MERGES, KernelsConfig, ModelConfig, MoEConfig
-from msgfm.models.moe import MoEMlp
+from msgfm.models.moe import MoEMlp, moe_modules
 from msgfm.ops import resolve_attention_impl, resolve_window_process_impl, window_attention, window_merge, \
     window_partition
 from msgfm.ops.norm import layer_norm_class
-
-# Additive attention mask between tokens of different regions of a shifted window (Swin, timm).
-SHIFT_MASK_VALUE = -100.0
-
-
-def relative_position_index(window_size: int) -> torch.Tensor:
-    """[N, N] row of the bias table for each (query, key) pair of a window (Swin's layout)."""
-    coords_2N = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size),
-                                           indexing="ij")).flatten(1)
-    rel_2NN = coords_2N[:, :, None] - coords_2N[:, None, :] + (window_size - 1)
-    return rel_2NN[0] * (2 * window_size - 1) + rel_2NN[1]
-
-
-def shift_attention_mask(height: int, width: int, window_size: int, shift_size: int,
-                         device: torch.device | None = None) -> torch.Tensor:
-    """[nW, N, N] additive mask (0 or -100) that keeps the rolled-in regions of a shifted window apart."""
-    region_HW = torch.zeros(height, width, device=device)
-    bounds = ((0, -window_size), (-window_size, -shift_size), (-shift_size, None))
-    label = 0
-    for h0, h1 in bounds:
-        for w0, w1 in bounds:
-            region_HW[h0:h1, w0:w1] = label
-            label += 1
-    region_WN = window_partition(region_HW[None, :, :, None], window_size, 0).squeeze(-1)
-    different_WNN = region_WN[:, None, :] != region_WN[:, :, None]
-    return different_WNN.float() * SHIFT_MASK_VALUE
+from msgfm.ops.window_geometry import relative_position_index, shift_attention_mask
 
 
 class WindowAttention(nn.Module):
@@ -227,12 +202,9 @@ class SwinEncoder(nn.Module):
         """Patch embeddings [B, H, W, D] -> final normalized features [B, H/8, W/8, 8D]."""
         return self.forward_stages(x_BHWC)[0]
 
-    def moe_layers(self) -> dict[str, MoEMlp]:
-        return {name: m for name, m in self.named_modules() if isinstance(m, MoEMlp)}
-
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the MoE auxiliary losses of the last forward; None without MoE layers."""
-        losses = [m.aux_loss for m in self.moe_layers().values() if m.aux_loss is not None]
+        losses = [m.aux_loss for m in moe_modules(self).values() if m.aux_loss is not None]
         return torch.stack([loss.float() for loss in losses]).sum() if losses else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

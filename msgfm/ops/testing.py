@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from msgfm.ops.window_attention import window_attention
+from msgfm.ops.window_geometry import relative_position_index, shift_attention_mask
 
 
 @dataclass
@@ -46,8 +47,6 @@ def make_attention_case(*, batch: int, height: int, width: int, window_size: int
     """Random qkv and bias table, Swin's relative position index, and the shift mask when
     ``shift_size`` > 0. With a seed the values are drawn on the CPU in fp32 (the same values on
     every device); without one they are drawn on ``device`` directly (fast for profiling shapes)."""
-    from msgfm.models.swin import relative_position_index, shift_attention_mask
-
     if height % window_size or width % window_size:
         raise ValueError(f"window {window_size} must divide the {height}x{width} feature map")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None

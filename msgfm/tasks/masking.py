@@ -20,7 +20,7 @@ from typing import Iterable
 
 import torch
 
-from msgfm.config import RunConfig
+from msgfm.config import MaskingConfig, ModelConfig
 
 
 class SimMIMMaskGenerator:
@@ -44,9 +44,9 @@ class SimMIMMaskGenerator:
         self.num_masked = int(math.floor(mask_ratio * self.num_mask_patches + 0.5))
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> "SimMIMMaskGenerator":
-        """The generator of a run config (``masking.*`` and ``model.img_size/patch_size``)."""
-        return cls(cfg.model.img_size, cfg.masking.mask_patch_size, cfg.model.patch_size, cfg.masking.mask_ratio)
+    def from_config(cls, model: ModelConfig, masking: MaskingConfig) -> "SimMIMMaskGenerator":
+        """The generator of a run's ``masking.*`` for its ``model.img_size/patch_size``."""
+        return cls(model.img_size, masking.mask_patch_size, model.patch_size, masking.mask_ratio)
 
     @property
     def mask_shape(self) -> tuple[int, int]:

@@ -12,6 +12,7 @@ import torch
 from deepspeed.moe.utils import is_moe_param
 
 from msgfm.config import RunConfig
+from msgfm.tasks.simmim import build_pretrain_task
 
 
 def _global_config(cfg: RunConfig, moe_enabled: bool) -> RunConfig:
@@ -35,30 +36,29 @@ def count_parameters(cfg: RunConfig) -> dict[str, int | dict[str, int]]:
     active part plus ALL embeddings, decoders and the mask token; one sample touches only its
     sensor's embedding and its target's decoder, see ``per_sensor``).
     """
-    from msgfm.models.msgfm import MsGFM  # local: msgfm.models imports this module
-
     with torch.device("meta"):
-        model = MsGFM(_global_config(cfg, cfg.model.moe.enabled))
-        dense = MsGFM(_global_config(cfg, False)) if cfg.model.moe.enabled else model
-    enc = list(model.encoder.parameters())
+        model = build_pretrain_task(_global_config(cfg, cfg.model.moe.enabled))
+        dense = build_pretrain_task(_global_config(cfg, False)) if cfg.model.moe.enabled else model
+    enc = list(model.backbone.encoder.parameters())
     experts = _numel(p for p in enc if is_moe_param(p))
     shared = _numel(enc) - experts
     moe = cfg.model.moe
     active_experts = experts * moe.top_k // moe.num_experts if moe.enabled else 0
-    embeddings = _numel(model.embeddings.parameters())
+    embeddings = _numel(model.backbone.embeddings.parameters())
     decoders = _numel(model.decoders.parameters())
-    other = embeddings + decoders + model.mask_token.numel()
+    mask_token = model.backbone.mask_token.numel() if model.backbone.mask_token is not None else 0
+    other = embeddings + decoders + mask_token
     return {
-        "encoder_dense": _numel(dense.encoder.parameters()),
+        "encoder_dense": _numel(dense.backbone.encoder.parameters()),
         "encoder_shared": shared,
         "encoder_experts": experts,
         "encoder_total": shared + experts,
         "encoder_active_per_token": shared + active_experts,
         "embeddings": embeddings,
         "decoders": decoders,
-        "mask_token": model.mask_token.numel(),
+        "mask_token": mask_token,
         "model_total": shared + experts + other,
         "model_active_per_token": shared + active_experts + other,
-        "per_sensor": {s: _numel(model.embeddings[s].parameters()) + _numel(model.decoders[s].parameters())
-                       for s in model.sensors},
+        "per_sensor": {s: _numel(model.backbone.embeddings[s].parameters()) + _numel(model.decoders[s].parameters())
+                       for s in model.backbone.sensors},
     }

@@ -1,8 +1,8 @@
-"""DeepSpeed pretraining: start-up checks, optimizer groups, LR schedule, loop, checkpoints, tracking.
+"""Training on DeepSpeed: one Trainer for every task, checkpoints, tracking, schedules, start-up checks.
 
-Entry point: :func:`pretrain` (used by ``launchers/pretrain.py``). For fine-tuning,
-:func:`msgfm.train.checkpoint.load_model_state_dict` reads a whole model from a checkpoint.
+Entry point for pretraining: :func:`pretrain` (used by ``launchers/pretrain.py``); fine-tuning's
+is :func:`msgfm.finetune.train.finetune`. docs/architecture.md maps the modules.
 """
-from msgfm.train.run import pretrain
+from msgfm.train.pretrain import pretrain
 
 __all__ = ["pretrain"]

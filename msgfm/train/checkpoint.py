@@ -100,6 +100,17 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and is_complete(p))
 
 
+def prepare_run_folder(output_dir: Path, rank: int) -> None:
+    """Rank 0, before training: create the run folder and remove what an interrupted save left behind."""
+    if rank != 0:
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_partial(output_dir / "checkpoints")
+    if removed:
+        print(f"removed {len(removed)} partial checkpoint(s) left by an interrupted save: "
+              f"{[p.name for p in removed]}", flush=True)
+
+
 def remove_partial(root: Path) -> list[Path]:
     """Delete ``.tmp-*`` folders a killed save left behind (rank 0, before training)."""
     if not root.is_dir():

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from msgfm.config import RunConfig
+from msgfm.data.plan import DataPlan, DataValidationError, configured_batches, plan_data
+from msgfm.errors import UserError
+from msgfm.tasks import build_pretrain_task, count_parameters
 from msgfm.train import ds_config as dsc
 from msgfm.train.memory import BYTES, estimate_memory
 from msgfm.train.validate import startup_checks
@@ -30,18 +33,19 @@ def dry_run(cfg: RunConfig, ds_config: dict[str, Any], ds_name: str, data_root: 
     rank = int(os.environ.get("RANK", "0"))
     if world_size is None:
         world_size = dsc.intended_world_size(ds_name) or int(os.environ.get("WORLD_SIZE", "1"))
-    from msgfm.train.run import fixed_group_batches
-
-    resolved = fixed_group_batches(cfg, data_root if data_root.is_dir() else None)
+    plan, data_problem = _plan(cfg, data_root)
+    resolved = configured_batches(cfg) if plan is None else \
+        {g: (plan.batch_sizes[g], plan.lrs[g]) for g in plan.batch_sizes}
+    if resolved is None:
+        raise UserError(f"data.groups[*].batch_size_per_gpu: auto needs the data (sample counts) to resolve: "
+                        f"{data_problem}. Pass --data-root or give integer batch sizes")
     batches = {g: b for g, (b, _) in resolved.items()}
     # the target machine's precision is not checked against this CPU: that is the point of a dry run
-    startup_checks(cfg, ds_config, ds_name, world_size, batches, on_gpu=False, check_device=False)
+    startup_checks(cfg, ds_config, ds_name, world_size, False, batches, check_device=False)
     if rank != 0:  # under a multi-rank launcher only rank 0 reports
         return 0
 
-    from msgfm.models import build_pretrain_model, count_parameters
-
-    model = build_pretrain_model(cfg)  # the model of one rank: num_experts / expert_parallel_size local experts
+    model = build_pretrain_task(cfg)  # the model of one rank: num_experts / expert_parallel_size local experts
     local_params = sum(p.numel() for p in model.parameters())
     counts = count_parameters(cfg)
     expert = int(counts["encoder_experts"])
@@ -76,30 +80,23 @@ def dry_run(cfg: RunConfig, ds_config: dict[str, Any], ds_name: str, data_root: 
           f"= {_gib(mem.optimizer_bytes)}")
     print(f"  total model states                                          = {_gib(mem.total_bytes)} "
           f"(+ activations, buckets, CUDA context: measure with python -m msgfm.bench.train)")
-    _print_steps(cfg, data_root, world_size, batches)
-    return 0
-
-
-def _print_steps(cfg: RunConfig, data_root: Path, world_size: int, batches: dict[str, int]) -> None:
-    if not data_root.is_dir():
-        print(f"steps per epoch: data root {data_root} is missing here, not computed (pass --data-root to a copy "
-              f"of the data; the training run itself will stop on a missing path)")
-        return
-    from msgfm.data.pipeline import validate_data
-
-    try:
-        summaries = validate_data(cfg, data_root)
-    except ValueError as err:
-        print(f"steps per epoch: not computed, the data under {data_root} has problems:\n{err}")
-        return
-    from msgfm.data.scheduler import GroupOrder, split_train_val
-
-    per_group = {}
-    for position, (name, summary) in enumerate(summaries.items()):
-        train_idx, _ = split_train_val(summary.num_samples, cfg.data.val_fraction, cfg.train.seed, position)
-        order = GroupOrder(indices=train_idx, batch_size=batches[name], rank=0, world_size=world_size,
-                           seed=cfg.train.seed, group_position=position)
-        per_group[name] = order.batches_per_epoch
+    if plan is None:
+        print(f"steps per epoch: {data_problem}")
+        return 0
+    per_group = {name: order.batches_per_epoch
+                 for name, order in plan.group_orders(cfg, 0, world_size, cfg.train.seed).items()}
     steps = max(per_group.values())
     print(f"steps per epoch (largest group seen once): {steps} (batches per group per rank: {per_group}); "
           f"{cfg.schedule.epochs} epochs = {steps * cfg.schedule.epochs:,} steps")
+    return 0
+
+
+def _plan(cfg: RunConfig, data_root: Path) -> tuple[DataPlan | None, str]:
+    """The data plan when the data is here and sound, else (None, why not)."""
+    if not data_root.is_dir():
+        return None, (f"data root {data_root} is missing here, not computed (pass --data-root to a copy of the "
+                      f"data; the training run itself will stop on a missing path)")
+    try:
+        return plan_data(cfg, data_root), ""
+    except DataValidationError as err:
+        return None, f"not computed, the data under {data_root} has problems:\n{err}"

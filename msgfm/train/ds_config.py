@@ -3,7 +3,7 @@
 How group batch sizes relate to the ds_config
 ---------------------------------------------
 Each outer step runs every data group in turn with its own batch size and one
-``engine.step()`` per group (DESIGN.md decision 4). DeepSpeed knows only one
+``engine.step()`` per group (``train.mode: per_group``; docs/architecture.md). DeepSpeed knows only one
 micro batch; it uses it for its batch arithmetic assertion and throughput
 timers, never to cut batches (msgfm's data scheduler does that). So msgfm asks:
 

@@ -1,54 +1,25 @@
-"""Training metrics kept on the device between logging intervals.
+"""What the trainer observes: metrics kept on the device between logging steps, expert load, figures.
 
 Per step only tensor additions happen (no ``.item()``, so no device sync);
-:meth:`IntervalMetrics.flush` moves everything to the host in one transfer
-at a logging step and returns interval averages.
+:meth:`IntervalMetrics.flush` moves everything to the host in one transfer at a logging step
+and returns interval averages. :class:`StepObserver` is the trainer's one call per batch: it
+records the task's metrics, the MoE expert load on logging steps and figure material on
+figure steps, and at a logging step prints a progress line and sends the interval to tracking.
 """
 from __future__ import annotations
 
 import resource
 import time
 from collections import defaultdict
+from pathlib import Path
+from typing import Any
 
 import torch
 
-# Scalar entries of the model's output dict that are logged per group (besides "recon/<sensor>..." keys).
-LOSS_KEYS = ("loss", "recon_loss", "aux_loss", "recon_self", "recon_cross")
-
-
-def loss_terms(out: dict) -> dict[str, torch.Tensor]:
-    """The scalar loss terms of one model output, detached."""
-    terms = {}
-    for key, value in out.items():
-        if (key in LOSS_KEYS or key.startswith("recon/")) and isinstance(value, torch.Tensor) and value.ndim == 0:
-            terms[key] = value.detach().float()
-    return terms
-
-
-def self_cross_terms(out: dict, valid: dict[str, torch.Tensor] | None, patch_size: int) -> dict[str, torch.Tensor]:
-    """Reconstruction L1 per target sensor, split by where the rows came from:
-    ``recon_self/<sensor>`` (decoded from the sensor's own masked image) and ``recon_cross/<sensor>``
-    (from its partner's). Same definition as the model's ``recon/<sensor>`` (masked, valid pixels),
-    computed from the detached predictions it returns: elementwise work on the decoder outputs only,
-    no device sync."""
-    from msgfm.data.masking import upsample_mask
-
-    sums: dict[str, list[torch.Tensor]] = {}
-    for source, by_target in out.get("predictions", {}).items():
-        for target, pred_nCHW in by_target.items():
-            if pred_nCHW is None or len(pred_nCHW) == 0:
-                continue
-            samples = out["sample_index"][source][target].to(pred_nCHW.device, non_blocking=True)
-            weight_nCHW = upsample_mask(out["masks"][source].index_select(0, samples), patch_size)
-            if valid is not None and target in valid:
-                weight_nCHW = weight_nCHW & valid[target].index_select(0, samples)
-            weight_nCHW = weight_nCHW.float().expand_as(pred_nCHW)
-            diff = (pred_nCHW.float() - out["targets"][source][target].float()).abs()
-            key = f"recon_{'self' if source == target else 'cross'}/{target}"
-            num, den = (diff * weight_nCHW).sum(), weight_nCHW.sum()
-            acc = sums.setdefault(key, [num.new_zeros(()), num.new_zeros(())])
-            acc[0], acc[1] = acc[0] + num, acc[1] + den
-    return {key: num / den.clamp(min=1.0) for key, (num, den) in sums.items()}
+from msgfm.tasks.base import Task, TaskOutput
+from msgfm.train.figures import save_reconstruction_figure
+from msgfm.train.runtime import hms
+from msgfm.train.tracking import Tracker
 
 
 class IntervalMetrics:
@@ -58,7 +29,7 @@ class IntervalMetrics:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.counts: dict[str, int] = defaultdict(int)
         self.samples: dict[str, int] = defaultdict(int)
         self.group_time: dict[str, float] = defaultdict(float)
@@ -103,3 +74,85 @@ def device_memory() -> dict[str, float]:
         return {"memory/allocated_gib": torch.cuda.memory_allocated() / 2**30,
                 "memory/peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class StepObserver:
+    """Everything the trainer records besides the step itself (see the module docstring)."""
+
+    def __init__(self, task: Task, tracker: Tracker, output_dir: Path, rank: int, *, log_interval: int,
+                 tracking_interval: int, figure_interval: int | None, groups: list[str]) -> None:
+        self.task, self.tracker, self.output_dir, self.rank = task, tracker, output_dir, rank
+        self.log_interval, self.tracking_interval, self.figure_interval = log_interval, tracking_interval, \
+            figure_interval
+        self.groups = groups
+        self.metrics = IntervalMetrics()
+        self.figure_cases: dict[str, list[dict[str, Any]]] = {}
+        self.last_print = (time.perf_counter(), 0)
+
+    # ------------------------------------------------------------------ per step
+
+    def is_log_step(self, step: int) -> bool:
+        return step % self.tracking_interval == 0 or step % self.log_interval == 0
+
+    def wants_outputs(self, step: int) -> bool:
+        """Whether the forward of (1-based) ``step`` should keep its outputs for a figure (rank 0 only)."""
+        return self.rank == 0 and self.tracker.active and self.figure_interval is not None and \
+            step % self.figure_interval == 0
+
+    def record(self, group: str, step: int, out: TaskOutput, inputs: dict[str, Any]) -> None:
+        """One forward of ``group`` in (1-based) ``step``: its metrics, expert load, figure material."""
+        for key, value in out["metrics"].items():
+            self.metrics.add(f"train/{group}/{key}", value)
+        if self.is_log_step(step):
+            self._record_expert_load(group)
+        if "predictions" in out or "output" in out:
+            cases = self.task.figure_cases(out, inputs)
+            if cases:
+                self.figure_cases[group] = cases
+
+    def record_update(self, name: str, lr: float, grad_norm: float | None) -> None:
+        """The LR in effect at an optimizer step and the gradient norm it saw."""
+        self.metrics.add(f"lr/{name}", lr)
+        if grad_norm is not None:
+            self.metrics.add(f"grad_norm/{name}", grad_norm)
+
+    def _record_expert_load(self, group: str) -> None:
+        for layer, load in self.task.backbone.expert_load().items():
+            for e, share in enumerate(load["share"].tolist()):
+                self.metrics.add(f"moe/{group}/{layer}/expert{e}_share", float(share))
+            self.metrics.add(f"moe/{group}/{layer}/dropped_fraction", float(load["dropped_fraction"]))
+
+    # ------------------------------------------------------------------ at a logging step
+
+    def log(self, step: int, total_steps: int, epoch: float, extra: dict[str, float]) -> dict[str, float]:
+        """Flush the interval, add ``extra`` (loss scale, ...), send to tracking and print; returns the values."""
+        values = self.metrics.flush()
+        group_losses = [v for k, v in values.items() if k.startswith("train/") and k.endswith("/loss")]
+        values["train/loss"] = sum(group_losses)
+        values.update(extra)
+        values["epoch"] = epoch
+        if step % self.tracking_interval == 0:
+            self.tracker.log_metrics(values, step)
+        if self.rank == 0 and step % self.log_interval == 0:
+            self._print(step, total_steps, values)
+        return values
+
+    def _print(self, step: int, total_steps: int, values: dict[str, float]) -> None:
+        now = time.perf_counter()
+        last_time, last_step = self.last_print
+        self.last_print = (now, step)
+        per_step = (now - last_time) / max(step - last_step, 1)
+        eta = per_step * (total_steps - step)
+        groups = " ".join(f"{g}={values.get(f'train/{g}/loss', float('nan')):.4f}" for g in self.groups)
+        print(f"step {step}/{total_steps} epoch {values['epoch']:.2f} loss {values['train/loss']:.4f} "
+              f"({groups}) {values['throughput/samples_per_s']:.1f} samples/s "
+              f"data-wait {100 * values['time/data_wait_fraction']:.0f}% ETA {hms(eta)}", flush=True)
+
+    def log_figures(self, step: int) -> None:
+        """Render the figure material kept this step on the tracking thread."""
+        fig_dir = self.output_dir / "figures"
+        for group, cases in self.figure_cases.items():
+            path = fig_dir / f"recon_{group}_step{step:08d}.png"
+            self.tracker.log_artifact(lambda c=cases, p=path, g=group, s=step: save_reconstruction_figure(c, g, p, s),
+                                      "figures")
+        self.figure_cases = {}

@@ -70,6 +70,6 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float, on_gpu: b
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Give every parameter group (dense, no-decay, experts) the same LR."""
+    """Set every parameter group's LR to ``lr`` x its ``lr_scale`` (layer-wise decay; 1 when absent)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -68,11 +68,14 @@ class Tracker:
 
     # -- called from the training loop (cheap) --------------------------------------------
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str],
-              artifacts: dict[str, Path], resume_run_id: str | None = None) -> None:
-        """Open (or reopen, after a resume) the run and record params, tags and files."""
-        if self.active:
-            self._queue.put(lambda: self._start(run_name, params, tags, artifacts, resume_run_id))
+    def open(self, run_name: str, params: dict[str, Any], tags: dict[str, str], artifacts: dict[str, Path],
+             resumed: bool) -> None:
+        """Open the run and record params, tags and files; a resumed run reopens the run its folder names."""
+        if not self.active:
+            return
+        run_id_file = self.output_dir / "mlflow_run_id"
+        run_id = run_id_file.read_text().strip() if resumed and run_id_file.is_file() else None
+        self._queue.put(lambda: self._start(run_name, params, tags, artifacts, run_id))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:

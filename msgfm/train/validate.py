@@ -13,17 +13,6 @@ def resolve_data_root(cfg: RunConfig, data_root: str | Path | None) -> Path:
     return Path(data_root if data_root is not None else cfg.data.root)
 
 
-def check_data_path(cfg: RunConfig, root: Path) -> None:
-    """The data folder, every group's shards and statistics must exist (metadata only, see validate_data)."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"data root {root} does not exist (from --data-root or data.root). Build the "
-                                f"sample data with `msgfm prepare-sample {root}`, or convert your own with "
-                                f"`msgfm convert`")
-    from msgfm.data.pipeline import validate_data
-
-    validate_data(cfg, root)
-
-
 def check_parallelism(cfg: RunConfig, world_size: int) -> None:
     moe = cfg.model.moe
     if not moe.enabled:
@@ -38,11 +27,13 @@ def check_parallelism(cfg: RunConfig, world_size: int) -> None:
                          f"{moe.num_experts}")
 
 
-def startup_checks(cfg: RunConfig, ds_config: dict[str, Any], ds_name: str, world_size: int,
-                   group_batches: dict[str, int], on_gpu: bool, check_device: bool = True) -> None:
-    """Everything that can be checked from the configs alone (the data path is checked separately)."""
+def startup_checks(cfg: RunConfig, ds_config: dict[str, Any], ds_name: str, world_size: int, on_gpu: bool,
+                   group_batches: dict[str, int] | None, check_device: bool = True) -> None:
+    """Everything that can be checked from the configs alone (the data is planned separately). Without
+    ``group_batches`` (``auto`` batch sizes need the data) the ds_config's batch keys wait for the plan."""
     dsc.check_moe_compatible(ds_config, ds_name, cfg.model.moe.enabled)
     check_parallelism(cfg, world_size)
     if check_device:
         dsc.check_device(ds_config, ds_name, on_gpu)
-    dsc.check_ds_config(ds_config, ds_name, group_batches, world_size)
+    if group_batches is not None:
+        dsc.check_ds_config(ds_config, ds_name, group_batches, world_size)

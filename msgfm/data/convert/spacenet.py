@@ -12,7 +12,7 @@ are degraded by ``ratio``. The converter stores what does not change between epo
 ``wv2_ms`` = the MS image (the reference, native dtype, bands reordered to the registry's
 blue, green, red, nir1 by ``--ms-band-order``) and ``pan`` = the PAN image block-averaged
 onto the MS grid (float32). The fine-tuning task degrades the MS input by ``ratio`` on the
-fly (msgfm/finetune/tasks.py). Tiles ``--size`` x ``--size`` on the MS grid, stride ``--stride``.
+fly (msgfm/tasks/downstream.py). Tiles ``--size`` x ``--size`` on the MS grid, stride ``--stride``.
 
 ``msgfm convert spacenet-buildings IMAGE MASK``: a PAN (or any single-band) image and a
 pixel-aligned building mask (0 background, non-zero building; SpaceNet's solaris masks are

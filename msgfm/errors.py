@@ -1,0 +1,17 @@
+"""Errors meant for users: the launchers and ``msgfm`` print their message as one line.
+
+Anything a user can cause and fix (a config typo, a missing file, a corrupt shard, a wrong band
+count, an impossible parallel layout) raises a :class:`UserError` whose message names the file,
+key or sensor and says what to do. Everything else is a bug or an environment failure and keeps
+its full traceback. ``UserError`` is a ``ValueError`` so callers that caught ``ValueError`` keep
+working; :class:`MissingFileError` is also a ``FileNotFoundError``.
+"""
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Something the user can fix; the message says what and how."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named (or a command should have written) does not exist."""
