@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from msgfm.data.format import LabelSpec, SensorArraySpec, ShardWriter
+from msgfm.data.georef import Georef
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,10 @@ class SkipItem(Exception):
 
 @dataclass
 class Sample:
-    """One sample ready for a shard: ``images[sensor]`` is (C, H, W) in the sensor's stored dtype."""
+    """One sample ready for a shard: ``images[sensor]`` is (C, H, W) in the sensor's stored dtype.
+
+    ``georef``: CRS and transform of the sample's grid (every sensor's, after resampling onto it).
+    """
 
     sample_id: str
     images: dict[str, np.ndarray]
@@ -50,6 +54,7 @@ class Sample:
     lat: float | None = None
     lon: float | None = None
     time: str | None = None
+    georef: Georef | None = None
 
 
 @dataclass
@@ -134,7 +139,7 @@ def run_conversion(*, items: Sequence[Any], load: Callable[[Any], LoadResult], o
                     if writer is None:
                         writer = new_writer()
                     writer.append(sample.images, sample.sample_id, labels=sample.labels, lat=sample.lat,
-                                  lon=sample.lon, time=sample.time)
+                                  lon=sample.lon, time=sample.time, georef=sample.georef)
                     num_samples += 1
                     if writer.num_samples == samples_per_shard:
                         shards.append(writer.close())
