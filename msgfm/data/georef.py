@@ -80,7 +80,7 @@ def grid_georef(crs: Any, transform: "Affine", row: int = 0, col: int = 0) -> Ge
         return None
     from affine import Affine
 
-    shifted = transform * Affine.translation(col, row)
+    shifted = transform @ Affine.translation(col, row)
     return Georef(crs=crs_string(crs), transform=tuple(shifted)[:TRANSFORM_LENGTH])
 
 

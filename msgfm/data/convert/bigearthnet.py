@@ -25,6 +25,7 @@ from rasterio.warp import reproject, transform as warp_transform
 
 from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args
 from msgfm.data.format import SensorArraySpec, multilabel_spec
+from msgfm.data.georef import grid_georef
 from msgfm.sensors import get_sensor
 
 # The 19-class BigEarthNet nomenclature (Sumbul et al., "BigEarthNet-MM", IEEE GRSM 2021, Table 1):
@@ -139,6 +140,7 @@ def load_pair(pair: tuple[Path, Path], *, require_labels: bool = True) -> LoadRe
         s2_CHW = np.stack([_read_band(s2 / f"{s2.name}_{band}.tif", reference) for band in s2_bands])
         center = reference.xy(PATCH_SIZE / 2, PATCH_SIZE / 2, offset="ul")
         lons, lats = warp_transform(reference.crs, "EPSG:4326", [center[0]], [center[1]])
+        georef = grid_georef(reference.crs, reference.transform)
         sar_CHW = np.stack([_read_s1_band(s1 / f"{s1.name}_{pol}.tif", reference)
                             for pol in get_sensor("sar").bands])
     meta = _metadata(s2)
@@ -147,7 +149,8 @@ def load_pair(pair: tuple[Path, Path], *, require_labels: bool = True) -> LoadRe
         raise SkipItem("none of its CLC labels has a 19-class target")
     time = str(meta.get("acquisition_date", "")).replace(" ", "T") or None
     return LoadResult(samples=[Sample(sample_id=sample_id, images={"sar": sar_CHW.astype("float32"), "s2": s2_CHW},
-                                      labels={"multilabel": labels}, lat=lats[0], lon=lons[0], time=time)])
+                                      labels={"multilabel": labels}, lat=lats[0], lon=lons[0], time=time,
+                                      georef=georef)])
 
 
 def convert(args: argparse.Namespace) -> int:

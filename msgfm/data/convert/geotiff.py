@@ -20,6 +20,7 @@ from msgfm.data.convert.common import (LoadResult, Sample, add_common_args, inva
                                        storage_dtype, tile_offsets)
 from msgfm.data.convert.raster_pair import _nodata
 from msgfm.data.format import SensorArraySpec
+from msgfm.data.georef import grid_georef
 from msgfm.sensors import get_sensor
 
 SUFFIXES = (".tif", ".tiff")
@@ -77,7 +78,8 @@ def load_file(path: Path, *, sensor: str, size: int, stride: int, dtype: str, no
                 x, y = src.xy(row + size / 2, col + size / 2, offset="ul")
                 lons, lats = warp_transform(src.crs, "EPSG:4326", [x], [y])
                 lat, lon = lats[0], lons[0]
-            result.samples.append(Sample(sample_id=tile_id, images={sensor: array_CHW.astype(dtype)}, lat=lat, lon=lon))
+            result.samples.append(Sample(sample_id=tile_id, images={sensor: array_CHW.astype(dtype)}, lat=lat, lon=lon,
+                                         georef=grid_georef(src.crs, src.transform, row, col)))
     return result
 
 

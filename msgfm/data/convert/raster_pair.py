@@ -25,6 +25,7 @@ from rasterio.windows import Window, from_bounds
 from msgfm.data.convert.common import (LoadResult, Sample, SkipItem, add_common_args, invalid_mask, run_from_args,
                                        storage_dtype, tile_offsets)
 from msgfm.data.format import SensorArraySpec
+from msgfm.data.georef import grid_georef
 from msgfm.sensors import get_sensor
 
 RESAMPLINGS = ("bilinear", "nearest", "cubic", "average")
@@ -134,8 +135,10 @@ def load_tile(offset: tuple[int, int], *, grid: PairGrid, size: int, resampling:
     if fraction > max_nodata:
         raise SkipItem(f"nodata fraction {fraction:.2f} > --max-nodata {max_nodata}")
     x, y = tile_transform @ (size / 2, size / 2)
-    lons, lats = warp_transform(rasterio.crs.CRS.from_wkt(grid.crs_wkt), "EPSG:4326", [x], [y])
-    return LoadResult(samples=[Sample(sample_id=sample_id, images=images, lat=lats[0], lon=lons[0])])
+    crs = rasterio.crs.CRS.from_wkt(grid.crs_wkt)
+    lons, lats = warp_transform(crs, "EPSG:4326", [x], [y])
+    return LoadResult(samples=[Sample(sample_id=sample_id, images=images, lat=lats[0], lon=lons[0],
+                                      georef=grid_georef(crs, tile_transform))])
 
 
 def parse_rasters(values: list[str]) -> dict[str, Path]:

@@ -25,6 +25,7 @@ from msgfm.data.convert.sen12ms import S1_NAME as _S1
 from msgfm.data.convert.sen12ms import (S2_SCALE, S2_SENSOR_CHOICES, SOURCE_S2_SENSOR, patch_size, s2_band_indices,
                                         sensor_specs)
 from msgfm.data.format import LabelSpec
+from msgfm.data.georef import grid_georef
 from msgfm.sensors import get_sensor
 
 TARGET_LABEL = "s2_cloud_free"
@@ -66,10 +67,11 @@ def load_triplet(triplet: tuple[Path, Path, Path], *, size: int, s2_sensor: str)
         sar_CHW = s1.read().astype(np.float32)
         clear_CHW = clear.read(band_index).astype(np.uint16)
         cloudy_CHW = cloudy.read(band_index).astype(np.uint16)
+        georef = grid_georef(s1.crs, s1.transform)
     match = _S1.fullmatch(s1_path.name)
     sample_id = f"{match['roi']}_{match['scene']}_p{match['patch']}"
     return LoadResult(samples=[Sample(sample_id=sample_id, images={"sar": sar_CHW, s2_sensor: cloudy_CHW},
-                                      labels={TARGET_LABEL: clear_CHW})])
+                                      labels={TARGET_LABEL: clear_CHW}, georef=georef)])
 
 
 def convert(args: argparse.Namespace) -> int:

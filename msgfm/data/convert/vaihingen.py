@@ -31,6 +31,7 @@ import rasterio
 
 from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args, tile_offsets
 from msgfm.data.format import SensorArraySpec, segmentation_spec
+from msgfm.data.georef import grid_georef
 
 # ISPRS legend: class name -> RGB colour in the reference images.
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -106,6 +107,7 @@ def load_area(area: int, *, root: Path, labels: str, size: int, stride: int) -> 
         image = top.read().astype(np.uint8)
         height_m = dsm.read(1).astype(np.float32)[None]
         classes = colours_to_classes(ref.read(), str(ref.name))
+        crs, transform = top.crs, top.transform
     H, W = image.shape[1:]
     padded_h, padded_w = -(-max(H - size, 0) // stride) * stride + size, -(-max(W - size, 0) // stride) * stride + size
     image, height_m = _pad(image, padded_h, padded_w, 0), _pad(height_m, padded_h, padded_w, DSM_NODATA)
@@ -118,7 +120,7 @@ def load_area(area: int, *, root: Path, labels: str, size: int, stride: int) -> 
         samples.append(Sample(sample_id=f"area{area}_r{r}_c{c}",
                               images={"rgb": image[:, r:r + size, c:c + size],
                                       "dsm": height_m[:, r:r + size, c:c + size]},
-                              labels={"segmentation": label}))
+                              labels={"segmentation": label}, georef=grid_georef(crs, transform, r, c)))
     return LoadResult(samples=samples)
 
 
