@@ -5,8 +5,8 @@ import argparse
 
 import h5py
 import numpy as np
-
 from data_helpers import random_arrays, write_shard
+
 from msgfm.data import inspect as inspect_module
 from msgfm.data.format import LabelSpec, SensorArraySpec, ShardWriter, multilabel_spec
 from msgfm.data.georef import Georef

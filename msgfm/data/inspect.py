@@ -17,6 +17,7 @@ import numpy as np
 from msgfm.data.format import ShardError, ShardInfo, read_shard_info
 from msgfm.data.georef import CRS_DATASET, read_georef
 from msgfm.data.stats import DEFAULT_STATS_NAME, MissingStatsError, default_stats_path, load_stats
+from msgfm.sensors import add_sensors_arg
 
 _MAX_LISTED = 8  # ids and class names shown before "..."
 
@@ -153,4 +154,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"stats JSON (default: {DEFAULT_STATS_NAME} beside the shard)")
     p.add_argument("--sample", type=int, default=None, metavar="I",
                    help="also show where sample I lies: id, time, lat/lon, CRS and transform")
+    add_sensors_arg(p)
     p.set_defaults(func=_run)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from msgfm.data.format import LabelSpec, SensorArraySpec, ShardWriter
 from msgfm.data.georef import Georef
+from msgfm.sensors import add_sensors_arg
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def storage_dtype(dtype: str) -> str:
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, prefix: str) -> None:
-    """The options every converter takes."""
+    """The options every converter takes (and --sensors, for sensors declared in a YAML file)."""
     parser.add_argument("--output", "-o", required=True, type=Path, help="folder for the shards")
     parser.add_argument("--prefix", default=prefix,
                         help=f"shard file names are PREFIX-00000.h5, ... (default: {prefix})")
@@ -228,6 +229,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, prefix: str) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard file (default 1000)")
     parser.add_argument("--compression", choices=["none", "lzf", "gzip"], default="lzf",
                         help="HDF5 compression of the sensor datasets (default lzf: fast; gzip: smaller, slower)")
+    add_sensors_arg(parser)
 
 
 def run_from_args(args: argparse.Namespace, **kwargs: Any) -> ConversionReport:
