@@ -14,6 +14,7 @@ import argparse
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -184,7 +185,7 @@ def convert(args: argparse.Namespace) -> int:
                                      width=PATCH_SIZE, scale=S2_SCALE)}
     source = (f"BigEarthNet v{layout.version}: S1 {layout.s1}, S2 {layout.s2}"
               + (f", metadata {layout.metadata}" if layout.version == 2 else ""))
-    common = dict(load=functools.partial(load_pair, require_labels=not args.keep_unlabelled), group=args.group,
+    common: dict[str, Any] = dict(load=functools.partial(load_pair, require_labels=not args.keep_unlabelled), group=args.group,
                   sensors=sensors, labels=[multilabel_spec(BEN19_CLASSES)], source=source)
     if args.splits:
         run_splits_from_args(args, splits=listing.patches, skipped_in_split=listing.skipped_in_split,

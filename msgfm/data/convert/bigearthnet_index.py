@@ -93,9 +93,11 @@ def detect_version(s2_root: Path) -> int:
 def resolve_layout(root: Path | None, s1: Path | None, s2: Path | None, version: str, metadata: Path | None,
                    split_lists: Path | None) -> BenLayout:
     """The folders of the release, from ROOT and/or --s1/--s2; FileNotFoundError says what is missing."""
-    if root is None and (s1 is None or s2 is None):
-        raise ValueError("give the dataset folder (ROOT), or both --s1 and --s2")
-    if root is not None and not root.is_dir():
+    if root is None:
+        if s1 is None or s2 is None:
+            raise ValueError("give the dataset folder (ROOT), or both --s1 and --s2")
+        root = s2.parent  # where metadata.parquet or the split lists lie beside the S2 folder
+    elif not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
     if s2 is None:
         s2 = next((root / name for name in (V2_S2, V1_S2) if (root / name).is_dir()), root / V2_S2)
@@ -106,9 +108,8 @@ def resolve_layout(root: Path | None, s1: Path | None, s2: Path | None, version:
         s1 = root / (V2_S1 if number == 2 else V1_S1)
     if not s1.is_dir():
         raise FileNotFoundError(f"{s1}: no S1 folder; give it with --s1")
-    base = root if root is not None else s2.parent
-    return BenLayout(version=number, s1=s1, s2=s2, metadata=metadata or base / V2_METADATA,
-                     lists=split_lists or base)
+    return BenLayout(version=number, s1=s1, s2=s2, metadata=metadata or root / V2_METADATA,
+                     lists=split_lists or root)
 
 
 def _acquisition_time(patch_id: str) -> str | None:

@@ -49,7 +49,9 @@ def find_tiles(root: Path) -> list[Path]:
 
 def check_tiles(paths: list[Path], sensor: str, bands: BandSelection | None = None) -> TileSource:
     """What the files share; ValueError naming the files that do not hold ``sensor``'s bands."""
-    mismatches, kinds, gsds = [], {}, []
+    mismatches: list[str] = []
+    kinds: dict[tuple[str, float | None], list[Path]] = {}
+    gsds: list[float | None] = []
     for path in paths:
         try:
             with rasterio.open(path) as src:

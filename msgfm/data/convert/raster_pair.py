@@ -101,7 +101,7 @@ def plan_pair(rasters: dict[str, Path], bands: dict[str, BandSelection] | None =
     col1 = min(fine_w, math.floor(window.col_off + window.width + eps))
     row1 = min(fine_h, math.floor(window.row_off + window.height + eps))
     inner = Window(col0, row0, col1 - col0, row1 - row0)
-    return PairGrid(rasters=tuple(infos), fine=fine.sensor, crs_wkt=crs_a.to_wkt(), col_off=col0, row_off=row0,
+    return PairGrid(rasters=(infos[0], infos[1]), fine=fine.sensor, crs_wkt=crs_a.to_wkt(), col_off=col0, row_off=row0,
                     height=row1 - row0, width=col1 - col0,
                     transform=rasterio.windows.transform(inner, fine_transform),
                     gsd_m=nominal_gsd_m(crs_a, fine_res))

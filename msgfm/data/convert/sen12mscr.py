@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -119,6 +120,7 @@ def load_triplet(triplet: tuple[Path, Path, Path], *, size: int, s2_sensor: str)
         cloudy_CHW = cloudy.read(band_index).astype(np.uint16)
         georef = grid_georef(s1.crs, s1.transform)
     match = _S1.fullmatch(s1_path.name)
+    assert match is not None  # find_triplets lists only files with such names
     sample_id = f"{match['roi']}_{match['scene']}_p{match['patch']}"
     return LoadResult(samples=[Sample(sample_id=sample_id, images={"sar": sar_CHW, s2_sensor: cloudy_CHW},
                                       labels={TARGET_LABEL: clear_CHW}, georef=georef)])
@@ -137,7 +139,7 @@ def convert(args: argparse.Namespace) -> int:
     target = LabelSpec(name=TARGET_LABEL, shape=(sensor.num_channels, size, size), dtype="uint16",
                        attrs={"bands": list(sensor.bands), "sensor": args.s2_sensor, "scale": S2_SCALE,
                               "description": "cloud-free Sentinel-2 L1C target, reflectance x 1e4"})
-    common = dict(load=functools.partial(load_triplet, size=size, s2_sensor=args.s2_sensor), group="sen12mscr",
+    common: dict[str, Any] = dict(load=functools.partial(load_triplet, size=size, s2_sensor=args.s2_sensor), group="sen12mscr",
                   sensors=sensors, labels=[target], source=f"SEN12MS-CR: {args.root}", description="sen12mscr")
     if args.splits:
         splits, skipped_in_split, outside = split_triplets(triplets, skipped)

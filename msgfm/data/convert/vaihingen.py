@@ -28,6 +28,7 @@ import argparse
 import functools
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -137,7 +138,7 @@ def convert(args: argparse.Namespace) -> int:
     sensors = {"rgb": SensorArraySpec(dtype="uint8", channels=3, height=size, width=size, gsd_m=0.09),
                "dsm": SensorArraySpec(dtype="float32", channels=1, height=size, width=size, nodata=DSM_NODATA,
                                       gsd_m=0.09)}
-    common = dict(group="vaihingen", sensors=sensors, labels=[segmentation_spec(CLASSES, size, size, IGNORE_INDEX)],
+    common: dict[str, Any] = dict(group="vaihingen", sensors=sensors, labels=[segmentation_spec(CLASSES, size, size, IGNORE_INDEX)],
                   description="vaihingen")
     if args.splits:
         if args.areas:
