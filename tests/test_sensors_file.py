@@ -3,13 +3,15 @@ reads sensors (convert, stats, inspect), with one-line errors that name the file
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 
 import pytest
 from fixtures.six_band_scene import SENSORS_YAML, write_six_band_scene
 
 from msgfm import cli
-from msgfm.sensors import add_sensors_arg, get_sensor, list_sensors, load_sensors_file
+from msgfm.data.convert.common import LoadResult
+from msgfm.sensors import SensorSpec, add_sensors_arg, get_sensor, list_sensors, load_sensors_file, register_sensor
 
 
 def test_load_sensors_file_registers_and_accepts_a_run_config(tmp_path: Path) -> None:
@@ -82,3 +84,19 @@ def test_add_sensors_arg_is_a_hook_for_new_commands(tmp_path: Path) -> None:
     assert args.sensors_files == [tmp_path / "a.yaml", tmp_path / "b.yaml"]
     assert get_sensor("test_hook_b").bands == ("b1", "b2") and get_sensor("test_hook_a").num_channels == 1
     assert parser.parse_args([]).sensors_files == []
+
+
+def _load_nothing(item: int) -> LoadResult:
+    return LoadResult()
+
+
+def test_converter_workers_know_the_sensors_registered_here(monkeypatch) -> None:
+    """A spawned worker process starts with the built-in sensors; the load call brings the others."""
+    from msgfm import sensors
+    from msgfm.data.convert.common import _LoadCall
+
+    register_sensor(SensorSpec(name="test_worker_only", bands=("a", "b")))
+    call = pickle.loads(pickle.dumps(_LoadCall(_load_nothing)))
+    monkeypatch.delitem(sensors._REGISTRY, "test_worker_only")  # as in a fresh process
+    call(0)
+    assert get_sensor("test_worker_only").bands == ("a", "b")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from msgfm.data.format import LabelSpec, SensorArraySpec, ShardWriter
 from msgfm.data.georef import Georef
-from msgfm.sensors import add_sensors_arg
+from msgfm.sensors import add_sensors_arg, get_sensor, list_sensors, register_sensor
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +167,16 @@ def run_conversion(*, items: Sequence[Any], load: Callable[[Any], LoadResult], o
 
 
 class _LoadCall:
-    """Picklable wrapper so that worker processes apply the skip rules too."""
+    """Picklable wrapper so that worker processes apply the skip rules too, and know the sensors
+    registered here (--sensors): a spawned worker (Windows) starts with the built-in ones only."""
 
     def __init__(self, load: Callable[[Any], LoadResult]) -> None:
         self.load = load
+        self.sensors = [get_sensor(name) for name in list_sensors()]
 
     def __call__(self, item: Any) -> tuple[Any, LoadResult]:
+        for spec in self.sensors:
+            register_sensor(spec, replace=True)
         return _load_safely(self.load, item)
 
 
