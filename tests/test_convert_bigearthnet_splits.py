@@ -177,3 +177,10 @@ def test_v1_official_split_lists(realdata: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"--splits: .*train.csv.* not found; .*--split-lists DIR"):
         convert(["bigearthnet", "--s1", str(v1 / "BigEarthNet-S1-Example"), "--s2",
                  str(v1 / "BigEarthNet-S2-Example"), "--splits", "-o", str(tmp_path / "o")])
+
+
+def test_v2_unreadable_metadata_is_one_line(ben_v2, tmp_path: Path) -> None:
+    root, _ = ben_v2
+    (tmp_path / "metadata.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(ValueError, match=r"metadata.parquet: cannot be read as parquet .*download it again"):
+        convert(["bigearthnet", str(root), "--metadata", str(tmp_path / "metadata.parquet"), "-o", str(tmp_path / "o")])

@@ -120,7 +120,10 @@ def _acquisition_time(patch_id: str) -> str | None:
 def _read_parquet(path: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: cannot be read as parquet ({err}); download it again") from None
     missing = [c for c in V2_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: columns {missing} are missing (it has {table.column_names}); expected the "
