@@ -19,6 +19,7 @@ RUNTIME = [
     "mlflow>=2.10",
     "pyyaml>=6",
     "rasterio>=1.3",  # GeoTIFF reading in the converters
+    "pyarrow>=12",  # BigEarthNet v2 metadata.parquet in the bigearthnet converter
     "pillow",  # JPEG/PNG reading in the imagefolder converter
     "tqdm",  # progress bars for conversion and training
     "matplotlib",  # reconstruction and prediction figures

@@ -3,20 +3,21 @@
 Built-in sensors cover the paper's four (``rgb``, ``s2``, ``sar``, ``dsm``), the
 13-band Sentinel-2 L1C variant (``s2_l1c``) and the WorldView-2 panchromatic and
 multispectral bands used by the SpaceNet pan-sharpening task. A new sensor needs
-no code: declare it under ``sensors:`` in a run config, or call
-:func:`register_sensors_from_yaml`::
+no code: declare it in a YAML file and pass ``--sensors FILE.yaml`` to any ``msgfm``
+command (:func:`add_sensors_arg`, :func:`load_sensors_file`), and under ``sensors:``
+in the run config the launchers take::
 
-    sensors:
-      hls:
-        bands: [B02, B03, B04, B8A, B11, B12]
-        wavelengths_nm: [490, 560, 665, 865, 1610, 2190]
-        gsd_m: 30
+    hls:
+      bands: [B02, B03, B04, B8A, B11, B12]
+      wavelengths_nm: [490, 560, 665, 865, 1610, 2190]
+      gsd_m: 30
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -122,13 +123,82 @@ def register_sensor(spec: SensorSpec, *, replace: bool = False) -> SensorSpec:
     return spec
 
 
-def register_sensors_from_yaml(path: str | Path) -> list[SensorSpec]:
-    """Register every sensor in a YAML file mapping sensor name to its spec."""
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of sensor name to spec")
-    return [register_sensor(SensorSpec.from_dict(name, spec), replace=True) for name, spec in data.items()]
+_BUILTIN_BY_NAME = {spec.name: spec for spec in _BUILTIN}
+# Top-level keys that mark a run or fine-tuning config (its sensors are under 'sensors:').
+_CONFIG_KEYS = frozenset({"_base_", "model", "data", "train", "task", "schedule", "optimizer"})
+
+
+def register_sensor_specs(specs: Mapping[str, Any], where: str) -> list[SensorSpec]:
+    """Register sensors given as {name: {bands, wavelengths_nm, gsd_m, rgb_bands, description}}.
+
+    ``where`` (a file, a config key) starts every error message. A built-in sensor may be
+    repeated unchanged but not redefined: shards and checkpoints rely on its spec.
+    """
+    parsed = []
+    for name, data in specs.items():
+        try:
+            spec = SensorSpec.from_dict(str(name), data)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        builtin = _BUILTIN_BY_NAME.get(spec.name)
+        if builtin is not None and builtin != spec:
+            raise ValueError(f"{where}: sensor '{spec.name}' is built in (bands {list(builtin.bands)}, gsd_m "
+                             f"{builtin.gsd_m}) and cannot be redefined; give your sensor another name")
+        parsed.append(spec)
+    return [register_sensor(spec, replace=True) for spec in parsed]
+
+
+def load_sensors_file(path: str | Path) -> list[SensorSpec]:
+    """Register the sensors declared in a YAML file and return them.
+
+    The file maps sensor names to specs (as under ``sensors:`` in a run config); a run or
+    fine-tuning config also works, its ``sensors:`` section is used. Errors name the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sensors file {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if isinstance(data, dict) and _CONFIG_KEYS & set(data):
+        data = data.get("sensors") or {}
+        if not data:
+            raise ValueError(f"{path} is a config without a 'sensors:' section; declare the sensors there or "
+                             f"in a file of their own")
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: expected a mapping of sensor name to spec, e.g. 'landsat7: {{bands: [B1, B2, "
+                         f"B3], gsd_m: 30}}'")
+    return register_sensor_specs(data, str(path))
+
+
+# The name this function had first; kept so that existing scripts keep working.
+register_sensors_from_yaml = load_sensors_file
+
+
+class _RegisterSensorsAction(argparse.Action):
+    """Registers the sensors of each --sensors FILE as soon as it is parsed (before any sensor name is used)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        try:
+            load_sensors_file(values)
+        except (OSError, ValueError) as err:
+            raise argparse.ArgumentError(self, str(err)) from None
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), Path(values)])
+
+
+def add_sensors_arg(parser: argparse.ArgumentParser) -> None:
+    """Add ``--sensors FILE.yaml`` (repeatable) to a command; the sensors are registered while parsing.
+
+    Every ``msgfm`` command that names or reads sensors takes it, so a sensor declared once in
+    a file works from conversion to statistics and inspection without code.
+    """
+    parser.add_argument("--sensors", action=_RegisterSensorsAction, dest="sensors_files", default=[],
+                        metavar="FILE.yaml",
+                        help="register the sensors declared in this YAML file (name: {bands: [...], "
+                             "wavelengths_nm, gsd_m, rgb_bands}; a run config's sensors: section works too); "
+                             "repeatable")
 
 
 def get_sensor(name: str) -> SensorSpec:
@@ -136,7 +206,8 @@ def get_sensor(name: str) -> SensorSpec:
         return _REGISTRY[name]
     except KeyError:
         raise UnknownSensorError(f"unknown sensor '{name}'; registered sensors: {', '.join(sorted(_REGISTRY))}. "
-                       f"Declare new sensors under 'sensors:' in the config") from None
+                                 f"Declare a new sensor in a YAML file and pass it with --sensors FILE.yaml "
+                                 f"(msgfm commands), or under 'sensors:' in the run config") from None
 
 
 def list_sensors() -> list[str]:

@@ -97,7 +97,8 @@ def test_raster_pair_refuses_other_crs_and_disjoint_rasters(landsat, tmp_path: P
         far = _copy(dem_path, tmp_path / "dem_far.tif", transform=Affine.translation(20, 0) @ dem.transform)
     with pytest.raises(ValueError, match="do not overlap"):
         convert(["raster-pair", "--raster", f"rgb={rgb_path}", "--raster", f"dsm={far}", "-o", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match=r"rmnp-rgb.tif has 3 bands but sensor 'dsm' has 1"):
+    with pytest.raises(ValueError, match=r"rmnp-rgb.tif has 3 bands \(1, 2, 3\) but sensor 'dsm' has 1 "
+                                         r"\['elevation'\]; select them with --bands 1 "):
         convert(["raster-pair", "--raster", f"dsm={rgb_path}", "--raster", f"rgb={dem_path}", "-o", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 
@@ -115,7 +116,8 @@ def test_geotiff_tiles_rgb(realdata: Path, tmp_path: Path) -> None:
 
 
 def test_geotiff_band_count_checked_before_converting(realdata: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"sensor 'sar' has 2 bands .*/S1A__IW___A_20150309T173017_VV.*\(1 bands\)"):
+    with pytest.raises(ValueError, match=r"/S1A__IW___A_20150309T173017_VV.*tif has 1 bands \(1\) but sensor 'sar' has "
+                                         r"2 \['VV', 'VH'\]; pick the sensor the file holds"):
         convert(["geotiff", str(realdata / "s1_vv_db_pyrosar"), "--sensor", "sar", "-o", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 

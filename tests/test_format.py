@@ -1,4 +1,5 @@
-"""The shard format v1: writer round trip, atomic writes, and every bad input read_shard_info must name."""
+"""The shard format (v2, reads v1): writer round trip, georeference, atomic writes, and every bad input
+read_shard_info must name."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ import pytest
 
 from msgfm.data.format import (FORMAT_VERSION, LabelSpec, SensorArraySpec, ShardError, ShardWriter,
                                multilabel_spec, read_shard_info, segmentation_spec)
+from msgfm.data.georef import Georef, read_georef
 from msgfm.sensors import get_sensor
 
 H = W = 8
@@ -156,11 +158,75 @@ def test_truncated(tmp_path: Path) -> None:
 
 
 def test_wrong_version(tmp_path: Path) -> None:
-    path = tmp_path / "v2.h5"
+    path = tmp_path / "v3.h5"
     _write(path)
-    _edit(path, lambda f: f.attrs.__setitem__("msgfm_format_version", 2))
-    with pytest.raises(ShardError, match=r"v2.h5: shard format version 2.*reads version 1"):
+    _edit(path, lambda f: f.attrs.__setitem__("msgfm_format_version", 3))
+    with pytest.raises(ShardError, match=r"v3.h5: shard format version 3.*reads versions 1, 2"):
         read_shard_info(path)
+
+
+UTM = Georef(crs="EPSG:32633", transform=(10.0, 0.0, 399960.0, 0.0, -10.0, 5300040.0))
+
+
+def _write_georef(path: Path, georefs: list[Georef | None]) -> None:
+    rng = np.random.default_rng(1)
+    with ShardWriter(path, "sen12ms", _specs()) as writer:
+        for i, georef in enumerate(georefs):
+            writer.append(_sample(rng), f"id-{i}", georef=georef)
+
+
+def test_georef_round_trip_with_unknown_samples(tmp_path: Path) -> None:
+    path = tmp_path / "g.h5"
+    wkt = 'LOCAL_CS["a grid without EPSG code",UNIT["metre",1]]'
+    other = Georef(crs=wkt, transform=(0.5, 0.0, 10.0, 0.0, -0.5, 20.0))
+    _write_georef(path, [UTM, None, other])
+    info = read_shard_info(path)
+    assert info.format_version == FORMAT_VERSION == 2 and info.has_georef
+    with h5py.File(path) as f:
+        assert f["transform"].shape == (3, 6) and f["transform"].dtype == np.float64
+        assert read_georef(f, 0) == UTM and read_georef(f, 1) is None and read_georef(f, 2) == other
+        assert read_georef(f, 2).affine.a == 0.5 and read_georef(f, 2).affine.c == 10.0
+
+
+def test_no_georef_written_when_no_sample_has_one(tmp_path: Path) -> None:
+    path = tmp_path / "n.h5"
+    _write_georef(path, [None, None])
+    assert not read_shard_info(path).has_georef
+    with h5py.File(path) as f:
+        assert "crs" not in f and "transform" not in f and read_georef(f, 0) is None
+
+
+def test_version_1_shards_stay_readable(tmp_path: Path) -> None:
+    """A shard written by the v1 writer (version attribute 1, no /crs or /transform) reads as before."""
+    path = tmp_path / "v1.h5"
+    samples = _write(path)
+    _edit(path, lambda f: f.attrs.__setitem__("msgfm_format_version", 1))
+    info = read_shard_info(path)
+    assert info.format_version == 1 and not info.has_georef and info.num_samples == 3 and info.has_latlon
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(f["s2"][2], samples[2]["s2"])
+        assert read_georef(f, 0) is None
+
+
+def test_georef_shapes_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "t.h5"
+    _write_georef(path, [UTM, UTM])
+    _edit(path, lambda f: f.__delitem__("crs"))
+    with pytest.raises(ShardError, match="t.h5: has only one of 'crs' and 'transform'"):
+        read_shard_info(path)
+    path = tmp_path / "s.h5"
+    _write_georef(path, [UTM, UTM])
+
+    def cut(f: h5py.File) -> None:
+        data = f["transform"][:, :4]
+        del f["transform"]
+        f.create_dataset("transform", data=data)
+
+    _edit(path, cut)
+    with pytest.raises(ShardError, match=r"s.h5: dataset 'transform' has shape \(2, 4\), expected \(2, 6\)"):
+        read_shard_info(path)
+    with pytest.raises(ValueError, match="6 coefficients"):
+        Georef(crs="EPSG:4326", transform=(1.0, 0.0, 0.0))
 
 
 def test_missing_sensor_dataset(tmp_path: Path) -> None:

@@ -1,14 +1,16 @@
-"""The msgfm HDF5 shard format, version 1: writer, validating reader of the layout.
+"""The msgfm HDF5 shard format, version 2: writer, validating reader of the layout (reads v1 too).
 
 One shard file holds N samples of one data group (see docs/data_format.md for
 the layout, written so that anyone can produce shards with plain h5py)::
 
-    /                       attrs: msgfm_format_version=1, group, sensors, source, created_by, msgfm_version
+    /                       attrs: msgfm_format_version=2, group, sensors, source, created_by, msgfm_version
     /<sensor>               (N, C, H, W) native dtype, chunks (1, C, H, W)
                             attrs: bands, wavelengths_nm, gsd_m, [nodata], scale, offset
     /ids                    (N,) utf-8 strings
     /lat, /lon              (N,) float64, optional (NaN where unknown)
     /time                   (N,) ISO-8601 utf-8 strings, optional ("" where unknown)
+    /crs, /transform        (N,) utf-8 CRS, (N, 6) float64 affine of the sample's grid, optional
+                            (format v2; see msgfm/data/georef.py)
     /labels/<name>          (N, ...) optional task labels; attrs describe them
                             (multilabel: class_names; segmentation: class_names, ignore_index)
 
@@ -32,16 +34,19 @@ import h5py
 import numpy as np
 
 from msgfm import __version__ as _msgfm_version
+from msgfm.data.georef import CRS_DATASET, TRANSFORM_DATASET, TRANSFORM_LENGTH, Georef, georef_arrays
 from msgfm.sensors import UnknownSensorError, get_sensor
 
-FORMAT_VERSION = 1
+# Version 2 added the per-sample georeference (/crs, /transform); version 1 files read as before.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 VERSION_ATTR = "msgfm_format_version"
 LABELS_GROUP = "labels"
 # Dtypes a sensor dataset may have: what the sources deliver natively (no widening on disk).
 SENSOR_DTYPES = ("uint8", "uint16", "int16", "float16", "float32")
 COMPRESSIONS = (None, "lzf", "gzip")
 # Datasets at the root that are not sensors.
-_RESERVED_NAMES = frozenset({"ids", "lat", "lon", "time", LABELS_GROUP})
+_RESERVED_NAMES = frozenset({"ids", "lat", "lon", "time", CRS_DATASET, TRANSFORM_DATASET, LABELS_GROUP})
 # How many samples a writer adds to a dataset at once; the tail is trimmed on close.
 _GROW_BY = 64
 
@@ -167,6 +172,7 @@ class ShardWriter:
         self._lat: list[float] = []
         self._lon: list[float] = []
         self._time: list[str] = []
+        self._georefs: list[Georef | None] = []
         self._capacity = 0
         self._tmp_path = _partial_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,8 +216,11 @@ class ShardWriter:
 
     def append(self, images: Mapping[str, np.ndarray], sample_id: str, *,
                labels: Mapping[str, np.ndarray] | None = None, lat: float | None = None,
-               lon: float | None = None, time: str | None = None) -> int:
-        """Add one sample: ``images[sensor]`` is a (C, H, W) array; returns the sample's index."""
+               lon: float | None = None, time: str | None = None, georef: Georef | None = None) -> int:
+        """Add one sample: ``images[sensor]`` is a (C, H, W) array; returns the sample's index.
+
+        ``georef`` is the CRS and transform of the sample's grid (shared by its sensors).
+        """
         if self._file is None:
             raise ValueError(f"{self.path}: writer is closed")
         if set(images) != set(self.sensors):
@@ -236,6 +245,7 @@ class ShardWriter:
         self._lat.append(math.nan if lat is None else float(lat))
         self._lon.append(math.nan if lon is None else float(lon))
         self._time.append("" if time is None else str(time))
+        self._georefs.append(georef)
         self.num_samples += 1
         return index
 
@@ -261,6 +271,10 @@ class ShardWriter:
             f.create_dataset("lon", data=np.array(self._lon, dtype="f8"))
         if any(self._time):
             f.create_dataset("time", data=np.array(self._time, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        if any(g is not None for g in self._georefs):
+            crs, transform = georef_arrays(self._georefs)
+            f.create_dataset(CRS_DATASET, data=crs, dtype=h5py.string_dtype("utf-8"))
+            f.create_dataset(TRANSFORM_DATASET, data=transform)
         f.close()
         self._file = None
         os.replace(self._tmp_path, self.path)
@@ -343,6 +357,7 @@ class ShardInfo:
     has_ids: bool
     has_latlon: bool
     has_time: bool
+    has_georef: bool  # /crs and /transform (format v2)
     labels: dict[str, LabelInfo]
     attrs: dict[str, Any]  # all root attributes (source, created_by, msgfm_version, ...)
 
@@ -372,7 +387,7 @@ def _plain(value: Any) -> Any:
 
 
 def read_shard_info(path: str | Path, *, check_data: bool = True) -> ShardInfo:
-    """Open a shard, check it against format v1 and the sensor registry, and describe it.
+    """Open a shard, check it against the format (v1 or v2) and the sensor registry, and describe it.
 
     Raises :class:`ShardError` naming the file (and sensor) for: a missing, unreadable,
     corrupt or truncated file; another format version; a sensor listed but missing; a
@@ -398,10 +413,10 @@ def _describe(f: h5py.File, path: Path, check_data: bool) -> ShardInfo:
         raise ShardError(f"{path}: not an msgfm shard (root attribute '{VERSION_ATTR}' is missing); "
                          f"write shards with `msgfm convert` or follow docs/data_format.md")
     version = int(f.attrs[VERSION_ATTR])
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ShardError(f"{path}: shard format version {version}, but this msgfm ({_msgfm_version}) reads "
-                         f"version {FORMAT_VERSION} only; convert the data again with this msgfm or use the "
-                         f"msgfm release that wrote it")
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))}; convert the data again with this "
+                         f"msgfm or use the msgfm release that wrote it")
     for key in ("group", "sensors"):
         if key not in f.attrs:
             raise ShardError(f"{path}: root attribute '{key}' is missing (see docs/data_format.md)")
@@ -420,9 +435,15 @@ def _describe(f: h5py.File, path: Path, check_data: bool) -> ShardInfo:
     num_samples = next(iter(lengths.values()))
     if num_samples == 0:
         raise ShardError(f"{path}: the shard holds no samples; remove it or convert again")
-    for name in ("ids", "lat", "lon", "time"):
+    for name in ("ids", "lat", "lon", "time", CRS_DATASET):
         if name in f and f[name].shape != (num_samples,):
             raise ShardError(f"{path}: dataset '{name}' has shape {f[name].shape}, expected ({num_samples},)")
+    if TRANSFORM_DATASET in f and f[TRANSFORM_DATASET].shape != (num_samples, TRANSFORM_LENGTH):
+        raise ShardError(f"{path}: dataset '{TRANSFORM_DATASET}' has shape {f[TRANSFORM_DATASET].shape}, expected "
+                         f"({num_samples}, {TRANSFORM_LENGTH})")
+    if (CRS_DATASET in f) != (TRANSFORM_DATASET in f):
+        raise ShardError(f"{path}: has only one of '{CRS_DATASET}' and '{TRANSFORM_DATASET}'; a georeference "
+                         f"needs both (see docs/data_format.md)")
     labels: dict[str, LabelInfo] = {}
     if LABELS_GROUP in f:
         for name, ds in f[LABELS_GROUP].items():
@@ -441,7 +462,8 @@ def _describe(f: h5py.File, path: Path, check_data: bool) -> ShardInfo:
                                      f"corrupt or truncated; convert it again") from None
     return ShardInfo(path=path, format_version=version, group=_attr_str(f.attrs["group"]), sensors=sensors,
                      num_samples=num_samples, has_ids="ids" in f, has_latlon="lat" in f and "lon" in f,
-                     has_time="time" in f, labels=labels, attrs={k: _plain(v) for k, v in f.attrs.items()})
+                     has_time="time" in f, has_georef=CRS_DATASET in f, labels=labels,
+                     attrs={k: _plain(v) for k, v in f.attrs.items()})
 
 
 def _sensor_info(f: h5py.File, path: Path, name: str) -> SensorInfo:

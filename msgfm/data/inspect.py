@@ -1,8 +1,9 @@
 """``msgfm inspect SHARD``: what a shard holds, read from its metadata.
 
 Prints the layout (datasets, shapes, dtypes, chunks, compression), the sample count, the
-per-sensor attributes, ids/coordinates, labels, and the band statistics when a stats file
-is found beside the shard. A shard that fails validation is still listed (raw HDF5 tree)
+per-sensor attributes, ids/coordinates, the georeference (CRS and transform, format v2),
+labels, and the band statistics when a stats file is found beside the shard.
+``--sample I`` adds where sample I lies (id, time, lat/lon, CRS, transform). A shard that fails validation is still listed (raw HDF5 tree)
 after the validation error, so a damaged file can be looked at.
 """
 from __future__ import annotations
@@ -14,7 +15,9 @@ import h5py
 import numpy as np
 
 from msgfm.data.format import ShardError, ShardInfo, read_shard_info
+from msgfm.data.georef import CRS_DATASET, read_georef
 from msgfm.data.stats import DEFAULT_STATS_NAME, MissingStatsError, default_stats_path, load_stats
+from msgfm.sensors import add_sensors_arg
 
 _MAX_LISTED = 8  # ids and class names shown before "..."
 
@@ -40,11 +43,42 @@ def _layout(info: ShardInfo) -> list[str]:
         for name in ("lat", "lon", "time"):
             if name in f:
                 lines.append(f"  /{name}: {f[name].shape} {f[name].dtype}")
+        lines += _georef_lines(info, f)
     for name, label in info.labels.items():
         lines.append(f"  /labels/{name}: {label.shape} {label.dtype}")
         for key, value in label.attrs.items():
             lines.append(f"      {key} {_short(value) if isinstance(value, list) else value}")
     return lines
+
+
+def _georef_lines(info: ShardInfo, f: h5py.File) -> list[str]:
+    if not info.has_georef:
+        why = "format v1" if info.format_version == 1 else "the source had no CRS"
+        return [f"  georeference: none ({why})"]
+    crs_values = sorted(set(f[CRS_DATASET].asstr()[:]) - {""})
+    first = read_georef(f, 0)
+    return [f"  /crs, /transform: per sample; {len(crs_values)} distinct CRS {_short(crs_values, limit=3)}",
+            f"      sample 0: {first.describe() if first else 'unknown'}"]
+
+
+def describe_sample(path: str | Path, index: int) -> str:
+    """Where sample ``index`` of a shard lies: id, time, lat/lon and georeference."""
+    info = read_shard_info(path, check_data=False)
+    if not 0 <= index < info.num_samples:
+        raise ValueError(f"{path}: --sample {index} is out of range; the shard holds {info.num_samples} samples "
+                         f"(0 to {info.num_samples - 1})")
+    with h5py.File(info.path, "r") as f:
+        sample_id = f["ids"].asstr()[index] if info.has_ids else "(no ids)"
+        lines = [f"sample {index}: id {sample_id}"]
+        if info.has_time:
+            lines.append(f"  time {f['time'].asstr()[index] or '(unknown)'}")
+        if info.has_latlon:
+            lines.append(f"  lat {f['lat'][index]:.6f}, lon {f['lon'][index]:.6f}")
+        georef = read_georef(f, index)
+        lines.append(f"  {georef.describe()}" if georef else "  georeference: none")
+        if georef and len(georef.crs) > 60:
+            lines.append(f"  crs (WKT) {georef.crs}")
+    return "\n".join(lines)
 
 
 def _raw_tree(path: Path) -> list[str]:
@@ -104,6 +138,9 @@ def _run(args: argparse.Namespace) -> int:
         except ShardError as err:
             print(f"INVALID SHARD: {err}\nraw HDF5 content of {path}:\n" + "\n".join(_raw_tree(Path(path))))
             status = 1
+        else:
+            if args.sample is not None:
+                print(describe_sample(path, args.sample))
         print()
     return status
 
@@ -115,4 +152,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("shards", nargs="+", type=Path, metavar="SHARD")
     p.add_argument("--stats", type=Path, default=None,
                    help=f"stats JSON (default: {DEFAULT_STATS_NAME} beside the shard)")
+    p.add_argument("--sample", type=int, default=None, metavar="I",
+                   help="also show where sample I lies: id, time, lat/lon, CRS and transform")
+    add_sensors_arg(p)
     p.set_defaults(func=_run)

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from msgfm.data.format import ShardInfo, read_shard_info
+from msgfm.sensors import add_sensors_arg
 
 log = logging.getLogger(__name__)
 
@@ -358,4 +359,5 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "statistics; every sample of a large group takes long)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_sensors_arg(p)
     p.set_defaults(func=_run)

@@ -3,7 +3,7 @@ writes shards, the skip report, tiling windows and the common command-line optio
 
 A converter lists its *items* (a patch folder, an image file, a tile window), gives a
 picklable ``load(item) -> LoadResult`` and the shard layout; :func:`run_conversion`
-does the rest: loads items in ``--workers`` processes (in input order, so the output
+does the rest (:func:`run_splits_from_args` once per official split, one folder each): loads items in ``--workers`` processes (in input order, so the output
 is the same for any number of workers), writes shards of ``--samples-per-shard``
 samples through :class:`~msgfm.data.format.ShardWriter` (temporary name, renamed when
 complete, so re-running is safe), and reports what it skipped and why, on screen and
@@ -28,6 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from msgfm.data.format import LabelSpec, SensorArraySpec, ShardWriter
+from msgfm.data.georef import Georef
+from msgfm.sensors import add_sensors_arg, get_sensor, list_sensors, register_sensor
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,10 @@ class SkipItem(Exception):
 
 @dataclass
 class Sample:
-    """One sample ready for a shard: ``images[sensor]`` is (C, H, W) in the sensor's stored dtype."""
+    """One sample ready for a shard: ``images[sensor]`` is (C, H, W) in the sensor's stored dtype.
+
+    ``georef``: CRS and transform of the sample's grid (every sensor's, after resampling onto it).
+    """
 
     sample_id: str
     images: dict[str, np.ndarray]
@@ -50,6 +55,7 @@ class Sample:
     lat: float | None = None
     lon: float | None = None
     time: str | None = None
+    georef: Georef | None = None
 
 
 @dataclass
@@ -134,7 +140,7 @@ def run_conversion(*, items: Sequence[Any], load: Callable[[Any], LoadResult], o
                     if writer is None:
                         writer = new_writer()
                     writer.append(sample.images, sample.sample_id, labels=sample.labels, lat=sample.lat,
-                                  lon=sample.lon, time=sample.time)
+                                  lon=sample.lon, time=sample.time, georef=sample.georef)
                     num_samples += 1
                     if writer.num_samples == samples_per_shard:
                         shards.append(writer.close())
@@ -161,12 +167,16 @@ def run_conversion(*, items: Sequence[Any], load: Callable[[Any], LoadResult], o
 
 
 class _LoadCall:
-    """Picklable wrapper so that worker processes apply the skip rules too."""
+    """Picklable wrapper so that worker processes apply the skip rules too, and know the sensors
+    registered here (--sensors): a spawned worker (Windows) starts with the built-in ones only."""
 
     def __init__(self, load: Callable[[Any], LoadResult]) -> None:
         self.load = load
+        self.sensors = [get_sensor(name) for name in list_sensors()]
 
     def __call__(self, item: Any) -> tuple[Any, LoadResult]:
+        for spec in self.sensors:
+            register_sensor(spec, replace=True)
         return _load_safely(self.load, item)
 
 
@@ -214,7 +224,7 @@ def storage_dtype(dtype: str) -> str:
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, prefix: str) -> None:
-    """The options every converter takes."""
+    """The options every converter takes (and --sensors, for sensors declared in a YAML file)."""
     parser.add_argument("--output", "-o", required=True, type=Path, help="folder for the shards")
     parser.add_argument("--prefix", default=prefix,
                         help=f"shard file names are PREFIX-00000.h5, ... (default: {prefix})")
@@ -223,6 +233,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, prefix: str) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard file (default 1000)")
     parser.add_argument("--compression", choices=["none", "lzf", "gzip"], default="lzf",
                         help="HDF5 compression of the sensor datasets (default lzf: fast; gzip: smaller, slower)")
+    add_sensors_arg(parser)
 
 
 def run_from_args(args: argparse.Namespace, **kwargs: Any) -> ConversionReport:
@@ -232,3 +243,60 @@ def run_from_args(args: argparse.Namespace, **kwargs: Any) -> ConversionReport:
                             compression=None if args.compression == "none" else args.compression, **kwargs)
     print(report.summary())
     return report
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+# Folder of each split under --output: what the fine-tuning configs read (data.train: ["train/*.h5"], ...).
+SPLITS = ("train", "val", "test")
+
+
+def run_splits_from_args(args: argparse.Namespace, *, splits: Mapping[str, Sequence[Any]],
+                         load: Callable[[Any], LoadResult] | Mapping[str, Callable[[Any], LoadResult]],
+                         skipped_in_split: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+                         skipped_outside: Sequence[tuple[str, str]] = (), description: str,
+                         **kwargs: Any) -> dict[str, ConversionReport]:
+    """Convert each split's items into ``<output>/<split>/``, as run_from_args does for one folder.
+
+    ``load`` is one loader, or one per split (e.g. evaluation tiles without overlap).
+
+    ``skipped_in_split[split]`` lists what the converter left out of a split while listing it
+    (reported in that split's folder); ``skipped_outside`` what belongs to no split (e.g. a
+    patch in none of the official lists), reported in ``<output>/<prefix>.skipped.json`` with
+    the samples and shards per split. A split without items is reported and left empty.
+    """
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}; splits are {list(SPLITS)}")
+    if not any(splits.values()):
+        raise ValueError(f"nothing to convert for {description}: no item in any split; "
+                         f"{len(skipped_outside)} left out, e.g. {list(skipped_outside)[:3]}")
+    output = Path(args.output)
+    reports: dict[str, ConversionReport] = {}
+    summary: dict[str, Any] = {}
+    for split in SPLITS:
+        items = list(splits.get(split, ()))
+        left_out = list((skipped_in_split or {}).get(split, ()))
+        if not items:
+            print(f"{split}: nothing to convert ({len(left_out)} left out)")
+            if (output / split).is_dir():
+                _remove_stale_shards(output / split, args.prefix, keep=0)
+            summary[split] = {"samples": 0, "shards": [], "skipped": len(left_out)}
+            continue
+        print(f"{split}: {len(items)} item(s) -> {output / split}")
+        args_split = argparse.Namespace(**{**vars(args), "output": output / split})
+        split_load = load[split] if isinstance(load, Mapping) else load
+        reports[split] = run_from_args(args_split, items=items, load=split_load, skipped_before=left_out,
+                                       description=f"{description} {split}", **kwargs)
+        summary[split] = {"samples": reports[split].num_samples,
+                          "shards": [p.relative_to(output).as_posix() for p in reports[split].shards],
+                          "skipped": len(reports[split].skipped)}
+    report_path = output / f"{args.prefix}.skipped.json"
+    report = {"group": kwargs.get("group", ""), "source": kwargs.get("source", ""),
+              "samples_written": sum(s["samples"] for s in summary.values()), "splits": summary,
+              "skipped": [{"item": item, "reason": reason} for item, reason in skipped_outside]}
+    report_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    reasons = Counter(_reason_kind(reason) for _, reason in skipped_outside)
+    print(f"in no split: {len(skipped_outside)} left out" + "".join(f"\n  {n} x {r}" for r, n in reasons.most_common())
+          + (f"\n  details: {report_path}" if skipped_outside else ""))
+    return reports

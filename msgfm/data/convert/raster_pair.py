@@ -1,11 +1,13 @@
 """``msgfm convert raster-pair``: two large co-registered rasters tiled into paired patches.
 
-For MDAS-style pairs (airborne RGB + DSM) or any optical + elevation pair. The two
-rasters must share a CRS (else: refused, reproject one first) and overlap (the
+For MDAS-style pairs (airborne RGB + DSM) or any optical + elevation pair. Each raster
+holds its sensor's bands (or ``--bands SENSOR=LIST`` selects them by index or description,
+e.g. ``--bands rgb=3,2,1`` of a 6-band scene). The two rasters must share a CRS (else: refused, reproject one first) and overlap (the
 intersection is used). Tiles are cut on the grid of the finer raster; the coarser one is
 resampled onto each tile's grid with ``--resampling`` (bilinear by default, GDAL warp,
 nodata-aware). Tiles whose share of nodata pixels (in either raster) exceeds
-``--max-nodata`` are skipped and reported.
+``--max-nodata`` are skipped and reported. Both sensors record the GSD of the tile grid (the
+finer raster's pixel size), which is what their pixels are after resampling.
 """
 from __future__ import annotations
 
@@ -24,7 +26,10 @@ from rasterio.windows import Window, from_bounds
 
 from msgfm.data.convert.common import (LoadResult, Sample, SkipItem, add_common_args, invalid_mask, run_from_args,
                                        storage_dtype, tile_offsets)
+from msgfm.data.convert.raster_bands import (BandSelection, nodata_value, nominal_gsd_m, parse_band_selection,
+                                             resolve_bands)
 from msgfm.data.format import SensorArraySpec
+from msgfm.data.georef import grid_georef
 from msgfm.sensors import get_sensor
 
 RESAMPLINGS = ("bilinear", "nearest", "cubic", "average")
@@ -37,6 +42,7 @@ class RasterInfo:
     dtype: str  # as stored in the shard
     nodata: float | None
     pixel_area: float
+    band_indexes: tuple[int, ...]  # 1-based raster bands that make the sensor's bands, in its order
 
 
 @dataclass(frozen=True)
@@ -54,40 +60,30 @@ class PairGrid:
     gsd_m: float  # nominal pixel size of the tiles on the ground
 
 
-# Metres per degree of latitude: turns a geographic CRS's pixel size into a nominal GSD.
-_METRES_PER_DEGREE = 111_320.0
-
-
-def nominal_gsd_m(crs: rasterio.crs.CRS, res: tuple[float, float]) -> float:
-    """Pixel size in metres: projected units converted to metres, degrees of latitude for geographic CRS."""
-    if crs.is_geographic:
-        return abs(res[1]) * _METRES_PER_DEGREE
-    return abs(res[1]) * crs.linear_units_factor[1]
-
-
-def _nodata(value: float | None) -> float | None:
-    # NaN nodata needs no value: NaN pixels are caught as non-finite.
-    return None if value is None or math.isnan(value) else float(value)
-
-
-def plan_pair(rasters: dict[str, Path]) -> PairGrid:
+def plan_pair(rasters: dict[str, Path], bands: dict[str, BandSelection] | None = None) -> PairGrid:
     """Check both rasters (bands, CRS, overlap) and find the common grid; ValueError says why not."""
     if len(rasters) != 2:
         raise ValueError(f"raster-pair needs exactly two --raster SENSOR=PATH, got {len(rasters)}")
+    bands = dict(bands or {})
+    unknown = sorted(set(bands) - set(rasters))
+    if unknown:
+        raise ValueError(f"--bands names sensor(s) {unknown} without a --raster; the rasters are {sorted(rasters)}")
     infos, sources = [], {}
     for sensor, path in rasters.items():
-        spec = get_sensor(sensor)
         if not Path(path).is_file():
             raise FileNotFoundError(f"--raster {sensor}={path}: no such file")
         with rasterio.open(path) as src:
-            if src.count != spec.num_channels:
-                raise ValueError(f"{path} has {src.count} bands but sensor '{sensor}' has {spec.num_channels} "
-                                 f"{list(spec.bands)}; pick the matching sensor or extract those bands first")
+            indexes = resolve_bands(bands.get(sensor), src.descriptions, path=path, sensor=sensor)
+            dtypes = {src.dtypes[i - 1] for i in indexes}
+            if len(dtypes) > 1:
+                raise ValueError(f"{path}: the bands of sensor '{sensor}' mix dtypes {sorted(dtypes)}; convert "
+                                 f"them to one dtype first")
             if src.crs is None:
                 raise ValueError(f"{path} has no CRS; georeference it first")
             sources[sensor] = (src.crs, src.bounds, src.transform, src.shape, src.res)
-            infos.append(RasterInfo(sensor=sensor, path=str(path), dtype=storage_dtype(src.dtypes[0]),
-                                    nodata=_nodata(src.nodata), pixel_area=abs(src.res[0] * src.res[1])))
+            infos.append(RasterInfo(sensor=sensor, path=str(path), dtype=storage_dtype(dtypes.pop()),
+                                    nodata=nodata_value(src.nodata), pixel_area=abs(src.res[0] * src.res[1]),
+                                    band_indexes=tuple(indexes)))
     (name_a, (crs_a, bounds_a, *_)), (name_b, (crs_b, bounds_b, *_)) = sources.items()
     if crs_a != crs_b:
         raise ValueError(f"the rasters have different CRS: {name_a} {crs_a.to_string()}, {name_b} "
@@ -105,7 +101,7 @@ def plan_pair(rasters: dict[str, Path]) -> PairGrid:
     col1 = min(fine_w, math.floor(window.col_off + window.width + eps))
     row1 = min(fine_h, math.floor(window.row_off + window.height + eps))
     inner = Window(col0, row0, col1 - col0, row1 - row0)
-    return PairGrid(rasters=tuple(infos), fine=fine.sensor, crs_wkt=crs_a.to_wkt(), col_off=col0, row_off=row0,
+    return PairGrid(rasters=(infos[0], infos[1]), fine=fine.sensor, crs_wkt=crs_a.to_wkt(), col_off=col0, row_off=row0,
                     height=row1 - row0, width=col1 - col0,
                     transform=rasterio.windows.transform(inner, fine_transform),
                     gsd_m=nominal_gsd_m(crs_a, fine_res))
@@ -119,12 +115,13 @@ def load_tile(offset: tuple[int, int], *, grid: PairGrid, size: int, resampling:
     images, invalid_HW = {}, np.zeros((size, size), dtype=bool)
     for info in grid.rasters:
         with rasterio.open(info.path) as src:
+            indexes = list(info.band_indexes)
             if info.sensor == grid.fine:
-                array_CHW = src.read(window=Window(grid.col_off + col, grid.row_off + row, size, size))
+                array_CHW = src.read(indexes, window=Window(grid.col_off + col, grid.row_off + row, size, size))
             else:
-                array_CHW = np.full((src.count, size, size), info.nodata if info.nodata is not None else 0,
-                                    dtype=src.dtypes[0])
-                reproject(rasterio.band(src, list(range(1, src.count + 1))), array_CHW,
+                array_CHW = np.full((len(indexes), size, size), info.nodata if info.nodata is not None else 0,
+                                    dtype=src.dtypes[indexes[0] - 1])
+                reproject(rasterio.band(src, indexes), array_CHW,
                           dst_transform=tile_transform, dst_crs=grid.crs_wkt, src_nodata=info.nodata,
                           dst_nodata=info.nodata, resampling=Resampling[resampling])
         images[info.sensor] = array_CHW.astype(info.dtype)
@@ -134,8 +131,10 @@ def load_tile(offset: tuple[int, int], *, grid: PairGrid, size: int, resampling:
     if fraction > max_nodata:
         raise SkipItem(f"nodata fraction {fraction:.2f} > --max-nodata {max_nodata}")
     x, y = tile_transform @ (size / 2, size / 2)
-    lons, lats = warp_transform(rasterio.crs.CRS.from_wkt(grid.crs_wkt), "EPSG:4326", [x], [y])
-    return LoadResult(samples=[Sample(sample_id=sample_id, images=images, lat=lats[0], lon=lons[0])])
+    crs = rasterio.crs.CRS.from_wkt(grid.crs_wkt)
+    lons, lats = warp_transform(crs, "EPSG:4326", [x], [y])
+    return LoadResult(samples=[Sample(sample_id=sample_id, images=images, lat=lats[0], lon=lons[0],
+                                      georef=grid_georef(crs, tile_transform))])
 
 
 def parse_rasters(values: list[str]) -> dict[str, Path]:
@@ -151,10 +150,23 @@ def parse_rasters(values: list[str]) -> dict[str, Path]:
     return rasters
 
 
+def parse_bands(values: list[str]) -> dict[str, BandSelection]:
+    """``["rgb=3,2,1"]`` -> {"rgb": (3, 2, 1)}."""
+    bands = {}
+    for value in values:
+        sensor, sep, selection = value.partition("=")
+        if not sep or not sensor or not selection:
+            raise ValueError(f"--bands {value!r}: expected SENSOR=LIST, e.g. --bands rgb=3,2,1")
+        if sensor in bands:
+            raise ValueError(f"--bands: sensor '{sensor}' given twice")
+        bands[sensor] = parse_band_selection(selection)
+    return bands
+
+
 def convert(args: argparse.Namespace) -> int:
     if not 0.0 <= args.max_nodata <= 1.0:
         raise ValueError(f"--max-nodata must be in [0, 1], got {args.max_nodata}")
-    grid = plan_pair(parse_rasters(args.raster))
+    grid = plan_pair(parse_rasters(args.raster), parse_bands(args.bands or []))
     stride = args.stride or args.size
     offsets = tile_offsets(grid.height, grid.width, args.size, stride)
     if not offsets:
@@ -169,7 +181,7 @@ def convert(args: argparse.Namespace) -> int:
     load = functools.partial(load_tile, grid=grid, size=args.size, resampling=args.resampling,
                              max_nodata=args.max_nodata)
     run_from_args(args, items=offsets, load=load, group=args.group, sensors=sensors, description="raster-pair",
-                  source=" + ".join(f"{i.sensor}={i.path}" for i in grid.rasters)
+                  source=" + ".join(f"{i.sensor}={i.path} (bands {list(i.band_indexes)})" for i in grid.rasters)
                   + f"; tiled on the {grid.fine} grid, the other resampled ({args.resampling})")
     return 0
 
@@ -183,6 +195,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--raster", action="append", required=True, metavar="SENSOR=PATH",
                         help="a raster and the registered sensor it holds; give it twice (e.g. rgb=ortho.tif "
                              "dsm=dsm.tif)")
+    parser.add_argument("--bands", action="append", metavar="SENSOR=LIST",
+                        help="the raster bands that make SENSOR's bands, in its order: 1-based indexes or band "
+                             "descriptions, e.g. rgb=3,2,1 (default: all bands of the raster, as stored)")
     parser.add_argument("--size", type=int, default=192, help="tile size in pixels (default 192)")
     parser.add_argument("--stride", type=int, default=None, help="step between tiles (default: --size)")
     parser.add_argument("--resampling", choices=RESAMPLINGS, default="bilinear",

@@ -22,6 +22,7 @@ from rasterio.warp import transform as warp_transform
 
 from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args
 from msgfm.data.format import SensorArraySpec
+from msgfm.data.georef import grid_georef
 from msgfm.sensors import get_sensor
 
 S2_SCALE = 1e-4  # SEN12MS L1C digital numbers are reflectance x 10000
@@ -89,8 +90,9 @@ def load_pair(pair: tuple[Path, Path], *, size: int, s2_sensor: str) -> LoadResu
         s2_CHW = s2.read(band_index).astype("uint16")
         x, y = s2.xy(size / 2, size / 2, offset="ul")
         lons, lats = warp_transform(s2.crs, "EPSG:4326", [x], [y])
+        georef = grid_georef(s2.crs, s2.transform)
     return LoadResult(samples=[Sample(sample_id=_patch_id(s1_path), images={"sar": sar_CHW, s2_sensor: s2_CHW},
-                                      lat=lats[0], lon=lons[0])])
+                                      lat=lats[0], lon=lons[0], georef=georef)])
 
 
 def convert(args: argparse.Namespace) -> int:

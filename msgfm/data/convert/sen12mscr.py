@@ -10,24 +10,52 @@ Output: sensors ``sar`` and ``s2`` (the *cloudy* image: the model's input; 12 ba
 dropped by name, as the pretrained ``s2`` embedding expects; ``--s2-sensor s2_l1c`` keeps 13)
 and ``labels/s2_cloud_free`` (the target, same bands, uint16, attrs ``bands`` and
 ``scale`` = 1e-4 to reflectance). All three must share one grid (CRS, transform, size).
+
+``--splits`` writes the official train/val/test split (scenes listed below, one folder each);
+triplets of scenes in none of the lists are reported, not converted.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
 
-from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args
+from msgfm.data.convert.common import (LoadResult, Sample, SkipItem, add_common_args, run_from_args,
+                                       run_splits_from_args)
 from msgfm.data.convert.sen12ms import S1_NAME as _S1
 from msgfm.data.convert.sen12ms import (S2_SCALE, S2_SENSOR_CHOICES, SOURCE_S2_SENSOR, patch_size, s2_band_indices,
                                         sensor_specs)
 from msgfm.data.format import LabelSpec
+from msgfm.data.georef import grid_georef
 from msgfm.sensors import get_sensor
 
 TARGET_LABEL = "s2_cloud_free"
+
+# The official split by scene (ROI folder -> scene numbers s1_<n>), as the dataset's authors define
+# it for SEN12MS-CR and SEN12MS-CR-TS (Ebel et al.; the data loader of their UnCRtainTS code).
+OFFICIAL_SPLITS: dict[str, dict[str, tuple[int, ...]]] = {
+    "train": {
+        "ROIs1158_spring": (1, 6, 8, 9, 15, 21, 26, 39, 40, 45, 58, 63, 66, 75, 77, 97, 100, 101, 109, 110, 113, 115,
+                            117, 119, 120, 121, 124, 126, 128, 132, 134, 141, 142, 145, 147),
+        "ROIs1868_summer": (4, 7, 11, 15, 25, 27, 31, 36, 40, 42, 43, 47, 55, 56, 72, 76, 86, 87, 89, 90, 93, 95, 100,
+                            101, 102, 113, 114, 115, 120, 121, 123, 124, 125, 126, 132, 133, 135, 137, 139, 140, 143,
+                            146, 147),
+        "ROIs1970_fall": (1, 3, 4, 6, 11, 14, 19, 22, 26, 27, 28, 30, 31, 33, 35, 37, 39, 40, 41, 42, 57, 64, 71, 77,
+                          81, 82, 83, 85, 88, 91, 93, 100, 104, 105, 107, 109, 110, 112, 114, 116, 119, 120, 122, 125,
+                          128, 131, 133, 134, 135, 136, 141, 142, 144, 147, 148, 149),
+        "ROIs2017_winter": (8, 21, 25, 42, 47, 49, 55, 59, 61, 62, 64, 68, 75, 81, 94, 102, 104, 112, 116, 135, 146),
+    },
+    "val": {"ROIs1158_spring": (17,), "ROIs1868_summer": (17, 19, 80, 127), "ROIs1970_fall": (65,),
+            "ROIs2017_winter": (22, 84, 107, 130)},
+    "test": {"ROIs1158_spring": (31, 44, 106, 123, 140), "ROIs1868_summer": (73, 119), "ROIs1970_fall": (139,),
+             "ROIs2017_winter": (63, 108)},
+}
+_SPLIT_OF_SCENE = {(roi, scene): split for split, rois in OFFICIAL_SPLITS.items()
+                   for roi, scenes in rois.items() for scene in scenes}
 
 
 def find_triplets(root: Path) -> tuple[list[tuple[Path, Path, Path]], list[tuple[str, str]]]:
@@ -50,6 +78,30 @@ def find_triplets(root: Path) -> tuple[list[tuple[Path, Path, Path]], list[tuple
     return triplets, skipped
 
 
+def scene_split(s1_path: str | Path) -> str | None:
+    """The official split of an S1 patch file's ROI and scene; None for a scene in no split."""
+    match = _S1.fullmatch(Path(s1_path).name)
+    return _SPLIT_OF_SCENE.get((match["roi"], int(match["scene"]))) if match else None
+
+
+def split_triplets(triplets: list[tuple[Path, Path, Path]], skipped: list[tuple[str, str]]
+                   ) -> tuple[dict[str, list], dict[str, list[tuple[str, str]]], list[tuple[str, str]]]:
+    """Triplets and skipped S1 patches by official split, and what belongs to no listed scene."""
+    splits: dict[str, list] = {}
+    skipped_in_split: dict[str, list[tuple[str, str]]] = {}
+    outside = []
+    for triplet in triplets:
+        split = scene_split(triplet[0])
+        if split is None:
+            outside.append((str(triplet[0]), "scene in none of the official SEN12MS-CR splits"))
+        else:
+            splits.setdefault(split, []).append(triplet)
+    for item, reason in skipped:
+        split = scene_split(item)
+        (skipped_in_split.setdefault(split, []) if split else outside).append((item, reason))
+    return splits, skipped_in_split, outside
+
+
 def load_triplet(triplet: tuple[Path, Path, Path], *, size: int, s2_sensor: str) -> LoadResult:
     s1_path, clear_path, cloudy_path = triplet
     source_bands = get_sensor(SOURCE_S2_SENSOR).bands
@@ -66,10 +118,12 @@ def load_triplet(triplet: tuple[Path, Path, Path], *, size: int, s2_sensor: str)
         sar_CHW = s1.read().astype(np.float32)
         clear_CHW = clear.read(band_index).astype(np.uint16)
         cloudy_CHW = cloudy.read(band_index).astype(np.uint16)
+        georef = grid_georef(s1.crs, s1.transform)
     match = _S1.fullmatch(s1_path.name)
+    assert match is not None  # find_triplets lists only files with such names
     sample_id = f"{match['roi']}_{match['scene']}_p{match['patch']}"
     return LoadResult(samples=[Sample(sample_id=sample_id, images={"sar": sar_CHW, s2_sensor: cloudy_CHW},
-                                      labels={TARGET_LABEL: clear_CHW})])
+                                      labels={TARGET_LABEL: clear_CHW}, georef=georef)])
 
 
 def convert(args: argparse.Namespace) -> int:
@@ -85,9 +139,14 @@ def convert(args: argparse.Namespace) -> int:
     target = LabelSpec(name=TARGET_LABEL, shape=(sensor.num_channels, size, size), dtype="uint16",
                        attrs={"bands": list(sensor.bands), "sensor": args.s2_sensor, "scale": S2_SCALE,
                               "description": "cloud-free Sentinel-2 L1C target, reflectance x 1e4"})
-    run_from_args(args, items=triplets, load=functools.partial(load_triplet, size=size, s2_sensor=args.s2_sensor),
-                  group="sen12mscr", sensors=sensors, labels=[target], skipped_before=skipped,
-                  source=f"SEN12MS-CR: {args.root}", description="sen12mscr")
+    common: dict[str, Any] = dict(load=functools.partial(load_triplet, size=size, s2_sensor=args.s2_sensor), group="sen12mscr",
+                  sensors=sensors, labels=[target], source=f"SEN12MS-CR: {args.root}", description="sen12mscr")
+    if args.splits:
+        splits, skipped_in_split, outside = split_triplets(triplets, skipped)
+        run_splits_from_args(args, splits=splits, skipped_in_split=skipped_in_split, skipped_outside=outside,
+                             **common)
+    else:
+        run_from_args(args, items=triplets, skipped_before=skipped, **common)
     return 0
 
 
@@ -101,5 +160,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="s2: 12 bands without B10 (default, matches the pretrained s2 embedding); "
                              "s2_l1c: all 13 L1C bands")
     parser.add_argument("--size", type=int, default=None, help="patch size (default: the first patch's, 256)")
+    parser.add_argument("--splits", action="store_true",
+                        help="write the official split, one folder each: OUTPUT/train, OUTPUT/val, OUTPUT/test "
+                             "(scenes of none of them are reported, not converted)")
     add_common_args(parser, prefix="sen12mscr")
     parser.set_defaults(func=convert)

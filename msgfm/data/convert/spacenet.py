@@ -31,6 +31,7 @@ import rasterio
 from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args, storage_dtype, \
     tile_offsets
 from msgfm.data.format import SensorArraySpec, segmentation_spec
+from msgfm.data.georef import grid_georef
 from msgfm.sensors import get_sensor
 
 MS_SENSOR = "wv2_ms"
@@ -87,11 +88,13 @@ def load_pair(pair: tuple[Path, Path], *, band_index: list[int], size: int, stri
             raise SkipItem(f"MS has {ms.count} bands; --ms-band-order needs {max(band_index)}")
         pan_on_ms = block_mean(pan.read(1), ratio)[None]
         ms_CHW = ms.read(band_index)
+        ms_crs, ms_transform = ms.crs, ms.transform
     samples = []
     for r, c in tile_offsets(ms_CHW.shape[1], ms_CHW.shape[2], size, stride):
         samples.append(Sample(sample_id=f"{ms_path.stem}_r{r}_c{c}",
                               images={PAN_SENSOR: pan_on_ms[:, r:r + size, c:c + size],
-                                      MS_SENSOR: ms_CHW[:, r:r + size, c:c + size].astype(ms_dtype)}))
+                                      MS_SENSOR: ms_CHW[:, r:r + size, c:c + size].astype(ms_dtype)},
+                              georef=grid_georef(ms_crs, ms_transform, r, c)))
     if not samples:
         raise SkipItem(f"MS image {ms_CHW.shape[1:]} is smaller than one {size}x{size} tile")
     return LoadResult(samples=samples)
@@ -141,9 +144,11 @@ def load_buildings(item: tuple[Path, Path], *, size: int, stride: int) -> LoadRe
             raise SkipItem(f"image {image.shape} and mask {mask.shape} are not pixel-aligned")
         pan_HW = image.read(1).astype(np.float32)
         classes_HW = (mask.read(1) > 0).astype(np.uint8)
+        crs, transform = image.crs, image.transform
     samples = [Sample(sample_id=f"{image_path.stem}_r{r}_c{c}",
                       images={PAN_SENSOR: pan_HW[None, r:r + size, c:c + size]},
-                      labels={"segmentation": classes_HW[r:r + size, c:c + size]})
+                      labels={"segmentation": classes_HW[r:r + size, c:c + size]},
+                      georef=grid_georef(crs, transform, r, c))
                for r, c in tile_offsets(*pan_HW.shape, size, stride)]
     return LoadResult(samples=samples)
 

@@ -17,7 +17,10 @@ a class boundary are black: they become ``ignore_index`` as well, as the ISPRS p
 ("no boundary") intends. A colour outside the legend is an error naming the file.
 
 Standard split (ISPRS / most papers): train areas 1 3 5 7 11 13 15 17 21 23 26 28 30 32 34
-37, test areas 2 4 6 8 10 12 14 16 20 22 24 27 29 31 33 35 38 (``--areas``).
+37, test areas 2 4 6 8 10 12 14 16 20 22 24 27 29 31 33 35 38: ``--splits`` writes them to
+``train/`` and ``test/`` (test tiles without overlap, stride = size, so every labelled pixel
+is scored once; ``--test-labels eroded`` for the ISPRS "no boundary" scoring), or pick areas
+by hand with ``--areas``.
 """
 from __future__ import annotations
 
@@ -25,12 +28,15 @@ import argparse
 import functools
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
 
-from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args, tile_offsets
+from msgfm.data.convert.common import (LoadResult, Sample, SkipItem, add_common_args, run_from_args,
+                                       run_splits_from_args, tile_offsets)
 from msgfm.data.format import SensorArraySpec, segmentation_spec
+from msgfm.data.georef import grid_georef
 
 # ISPRS legend: class name -> RGB colour in the reference images.
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -106,6 +112,7 @@ def load_area(area: int, *, root: Path, labels: str, size: int, stride: int) -> 
         image = top.read().astype(np.uint8)
         height_m = dsm.read(1).astype(np.float32)[None]
         classes = colours_to_classes(ref.read(), str(ref.name))
+        crs, transform = top.crs, top.transform
     H, W = image.shape[1:]
     padded_h, padded_w = -(-max(H - size, 0) // stride) * stride + size, -(-max(W - size, 0) // stride) * stride + size
     image, height_m = _pad(image, padded_h, padded_w, 0), _pad(height_m, padded_h, padded_w, DSM_NODATA)
@@ -118,7 +125,7 @@ def load_area(area: int, *, root: Path, labels: str, size: int, stride: int) -> 
         samples.append(Sample(sample_id=f"area{area}_r{r}_c{c}",
                               images={"rgb": image[:, r:r + size, c:c + size],
                                       "dsm": height_m[:, r:r + size, c:c + size]},
-                              labels={"segmentation": label}))
+                              labels={"segmentation": label}, georef=grid_georef(crs, transform, r, c)))
     return LoadResult(samples=samples)
 
 
@@ -127,19 +134,38 @@ def convert(args: argparse.Namespace) -> int:
     if not (root / "top").is_dir():
         raise FileNotFoundError(f"{root}: no top/ folder; expected the ISPRS Vaihingen layout "
                                 f"(top/top_mosaic_09cm_area*.tif, dsm/, gts_for_participants/)")
-    areas = [int(a) for a in args.areas.split(",")] if args.areas else None
-    usable, skipped = find_areas(root, areas, args.labels)
-    if not usable:
-        raise FileNotFoundError(f"{root}: no area has an ortho photo, a DSM and a reference: {skipped}")
     size, stride = args.size, args.stride or args.size
     sensors = {"rgb": SensorArraySpec(dtype="uint8", channels=3, height=size, width=size, gsd_m=0.09),
                "dsm": SensorArraySpec(dtype="float32", channels=1, height=size, width=size, nodata=DSM_NODATA,
                                       gsd_m=0.09)}
+    common: dict[str, Any] = dict(group="vaihingen", sensors=sensors, labels=[segmentation_spec(CLASSES, size, size, IGNORE_INDEX)],
+                  description="vaihingen")
+    if args.splits:
+        if args.areas:
+            raise ValueError("--splits converts the ISPRS train and test areas; leave out --areas (or use --areas "
+                             "without --splits)")
+        test_labels = args.test_labels or args.labels
+        train, train_skipped = find_areas(root, list(TRAIN_AREAS), args.labels)
+        test, test_skipped = find_areas(root, list(TEST_AREAS), test_labels)
+        if stride != size:
+            print(f"test split: stride {size} (= --size, every labelled pixel once); --stride {stride} applies to "
+                  f"train")
+        loads = {"train": functools.partial(load_area, root=root, labels=args.labels, size=size, stride=stride),
+                 "test": functools.partial(load_area, root=root, labels=test_labels, size=size, stride=size)}
+        run_splits_from_args(args, splits={"train": train, "test": test}, load=loads,
+                             skipped_in_split={"train": train_skipped, "test": test_skipped},
+                             source=f"ISPRS Vaihingen: {root} (train: {args.labels}, test: {test_labels} "
+                                    f"references)", **common)
+        return 0
+    if args.test_labels:
+        raise ValueError("--test-labels applies to the test split of --splits; without --splits use --labels")
+    areas = [int(a) for a in args.areas.split(",")] if args.areas else None
+    usable, skipped = find_areas(root, areas, args.labels)
+    if not usable:
+        raise FileNotFoundError(f"{root}: no area has an ortho photo, a DSM and a reference: {skipped}")
     run_from_args(args, items=usable, load=functools.partial(load_area, root=root, labels=args.labels, size=size,
                                                              stride=stride),
-                  group="vaihingen", sensors=sensors, skipped_before=skipped,
-                  labels=[segmentation_spec(CLASSES, size, size, IGNORE_INDEX)],
-                  source=f"ISPRS Vaihingen: {root} ({args.labels} references)", description="vaihingen")
+                  skipped_before=skipped, source=f"ISPRS Vaihingen: {root} ({args.labels} references)", **common)
     return 0
 
 
@@ -153,6 +179,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "ISPRS train: " + ",".join(map(str, TRAIN_AREAS)))
     parser.add_argument("--labels", choices=["full", "eroded"], default="full",
                         help="full: gts_for_participants; eroded: the _noBoundary references (boundaries ignored)")
+    parser.add_argument("--splits", action="store_true",
+                        help="write the ISPRS split: train areas to OUTPUT/train, test areas to OUTPUT/test (test "
+                             "tiles without overlap)")
+    parser.add_argument("--test-labels", choices=["full", "eroded"], default=None,
+                        help="with --splits: references of the test split (default: --labels); eroded = the ISPRS "
+                             "'no boundary' scoring")
     parser.add_argument("--size", type=int, default=512, help="tile size in pixels (default 512)")
     parser.add_argument("--stride", type=int, default=0, help="tile stride (default: size, no overlap)")
     add_common_args(parser, prefix="vaihingen")
