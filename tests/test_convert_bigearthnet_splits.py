@@ -20,7 +20,7 @@ from msgfm.data.convert.bigearthnet_index import detect_version
 from msgfm.data.format import read_shard_info
 from msgfm.data.georef import read_georef
 from msgfm.data.stats import write_stats
-from msgfm.finetune.config import load_finetune_config
+from msgfm.config import load_finetune_config
 from msgfm.finetune.data import TaskDataset, split_paths, task_stats
 
 pytestmark = pytest.mark.realdata

@@ -17,7 +17,7 @@ from msgfm.data.convert import run as convert
 from msgfm.data.convert.common import LoadResult, Sample, SkipItem, run_splits_from_args
 from msgfm.data.convert.sen12mscr import OFFICIAL_SPLITS
 from msgfm.data.format import SensorArraySpec
-from msgfm.finetune.config import load_finetune_config
+from msgfm.config import load_finetune_config
 from msgfm.finetune.data import split_paths
 
 
