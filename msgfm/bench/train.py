@@ -118,7 +118,8 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
     """Run attention and window process through plain torch ops (what FlopCounterMode can count)."""
     from msgfm.config import KernelsConfig
 
-    saved = {}
+    saved: dict[Any, Any] = {}
+    module: Any  # swapping a dataclass attribute of an nn.Module, which mypy types as Tensor | Module
     for module in model.modules():
         kernels = getattr(module, "kernels", None)
         if isinstance(kernels, KernelsConfig):

@@ -7,6 +7,7 @@ Legend: B batch, H/W feature map, ws window, shift, heads, D head dim.
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 import torch
 
@@ -49,23 +50,31 @@ def _dtypes() -> list[torch.dtype]:
     return [torch.float32, torch.float16] + ([torch.bfloat16] if bf16_native(torch.cuda.current_device()) else [])
 
 
-def parity_check() -> Check:
-    """Fused attention (output, grad qkv, grad table) and window process against their references."""
+def parity_check(device: str = "cuda", dtypes: Sequence[torch.dtype] | None = None) -> Check:
+    """Fused attention (output, grad qkv, grad table) and window process against their references.
+
+    ``device`` and ``dtypes`` exist for the tests, which drive this on the CPU through a torch
+    model of the extension; the doctor runs it on the current GPU in every dtype it computes."""
     from msgfm.ops import fused
-    from msgfm.ops.testing import (PARITY_TOLERANCE, attention_reference_float64, attention_with_grads,
-                                   make_attention_case, relative_error)
+    from msgfm.ops.testing import (
+        PARITY_TOLERANCE,
+        attention_reference_float64,
+        attention_with_grads,
+        make_attention_case,
+        relative_error,
+    )
     from msgfm.ops.window_process import window_partition_torch
 
     worst: dict[str, float] = {}
     bad: list[str] = []
     cases = 0
-    for dtype in _dtypes():
+    for dtype in dtypes or _dtypes():
         out_tol, grad_tol = PARITY_TOLERANCE[dtype]
         for batch, height, width, window, shift, heads, head_dim in PARITY_SHAPES:
             case = make_attention_case(batch=batch, height=height, width=width, window_size=window,
                                        shift_size=shift, channels=heads * head_dim, num_heads=heads, dtype=dtype,
-                                       device="cuda")
-            grad_out = torch.randn(case.qkv_BN3C.shape[0], window * window, heads * head_dim, device="cuda",
+                                       device=device)
+            grad_out = torch.randn(case.qkv_BN3C.shape[0], window * window, heads * head_dim, device=device,
                                    dtype=dtype)
             expected = attention_reference_float64(case, grad_out)
             try:
@@ -77,13 +86,13 @@ def parity_check() -> Check:
             for label, actual, reference, tol in zip(("out", "grad qkv", "grad table"), got, expected,
                                                      (out_tol, grad_tol, grad_tol)):
                 assert actual is not None and reference is not None  # a grad_out was given
-                err = relative_error(actual, reference) if torch.isfinite(actual).all() else float("inf")
+                error = relative_error(actual, reference) if torch.isfinite(actual).all() else float("inf")
                 key = f"{str(dtype).replace('torch.', '')} {label}"
-                worst[key] = max(worst.get(key, 0.0), err)
-                if not err <= tol:
+                worst[key] = max(worst.get(key, 0.0), error)
+                if not error <= tol:
                     bad.append(f"{key} at B={batch} {height}x{width} ws={window} shift={shift} D={head_dim}: "
-                               f"relative error {err:.2e} > {tol:.0e}")
-    x = torch.randn(2, 12, 18, 64, device="cuda", dtype=torch.float16)
+                               f"relative error {error:.2e} > {tol:.0e}")
+    x = torch.randn(2, 12, 18, 64, device=device, dtype=torch.float16)
     if not torch.equal(fused.window_partition(x, 6, 3), window_partition_torch(x, 6, 3)):
         bad.append("window_partition (fp16, shift 3) differs from torch.roll + partition")
     summary = ", ".join(f"{k} {v:.1e}" for k, v in worst.items() if k.endswith("out"))
