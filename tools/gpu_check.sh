@@ -26,5 +26,5 @@ export PYTHONPATH="$PATHS${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 cd "$REPO"
 status=0
-"$PY" -m msgfm.bench.gpu_check "${ARGS[@]}" "$@" || status=$?
+"$PY" -m msgfm.bench.gpu_check ${ARGS[@]+"${ARGS[@]}"} "$@" || status=$?
 exit "$status"
