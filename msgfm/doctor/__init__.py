@@ -122,7 +122,12 @@ def _comm_dtype(ds_config: dict[str, Any] | None, on_gpu: bool) -> Any:
 
     if not on_gpu:
         return torch.float32
-    prec = precision(ds_config) if ds_config else "bf16"
+    if ds_config:
+        prec = precision(ds_config)
+    else:
+        from msgfm.doctor.system import bf16_native
+
+        prec = "bf16" if bf16_native(torch.cuda.current_device()) else "fp16"
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(prec, torch.float32)
 
 
