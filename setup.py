@@ -25,6 +25,7 @@ RUNTIME = [
     "matplotlib",  # reconstruction and prediction figures
     "torchmetrics>=1.0",  # downstream metrics
     "ninja",  # JIT build of the fused kernels
+    "packaging",  # version comparison in `msgfm doctor`
 ]
 
 DEV = [

@@ -14,6 +14,7 @@ COMMANDS = {
     "stats": "msgfm.data.stats",
     "inspect": "msgfm.data.inspect",
     "prepare-sample": "msgfm.data.sample",
+    "doctor": "msgfm.doctor",
 }
 
 

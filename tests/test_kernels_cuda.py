@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from msgfm.ops import fused, resolve_attention_impl, resolve_window_process_impl
+from msgfm.ops.testing import PARITY_TOLERANCE as TOLERANCE
 from msgfm.ops.testing import attention_reference_float64, attention_with_grads, make_attention_case, \
     relative_error
 from msgfm.ops.window_process import window_merge_torch, window_partition_torch
@@ -31,8 +32,6 @@ SHAPES = [
     (2, 36, 12, 12, 6),
 ]
 HEAD_DIMS = (16, 32, 64)
-# Max relative error (max |err| / max |ref|) of the output and of the gradients.
-TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.float16: (4e-3, 1e-2), torch.bfloat16: (2e-2, 5e-2)}
 
 
 def dtypes() -> list[torch.dtype]:

@@ -67,6 +67,13 @@ def _loader(dataset: GroupDataset, sampler: Any, group: DataGroupConfig, pin_mem
                       prefetch_factor=prefetch_factor if workers > 0 else None)
 
 
+def train_transform(cfg: RunConfig) -> SampleTransform:
+    """The training augmentation of ``data.augment`` at the model's image size."""
+    aug = cfg.data.augment
+    return SampleTransform(img_size=cfg.model.img_size, train=True, crop_scale=tuple(aug.crop_scale),
+                           crop_ratio=tuple(aug.crop_ratio), hflip=aug.hflip, vflip=aug.vflip)
+
+
 def build_pretrain_data(cfg: RunConfig, plan: DataPlan, rank: int, world_size: int, seed: int) -> PretrainData:
     """One dataset and DataLoader per group (train and val) and the scheduler over them, from the run's
     data plan (msgfm/data/plan.py). Every rank calls it with the same config, plan and seed."""
@@ -78,9 +85,7 @@ def build_pretrain_data(cfg: RunConfig, plan: DataPlan, rank: int, world_size: i
     pin_memory = cfg.data.pin_memory and torch.cuda.is_available()
     if cfg.data.pin_memory and not pin_memory:
         warnings.warn("data.pin_memory is ignored: no CUDA device (set it to false for CPU runs)", stacklevel=2)
-    aug = cfg.data.augment
-    train_tf = SampleTransform(img_size=cfg.model.img_size, train=True, crop_scale=tuple(aug.crop_scale),
-                               crop_ratio=tuple(aug.crop_ratio), hflip=aug.hflip, vflip=aug.vflip)
+    train_tf = train_transform(cfg)
     val_tf = SampleTransform(img_size=cfg.model.img_size, train=False)
     tracker = CorruptTracker(cfg.data.max_corrupt_fraction, plan.group_sizes)
     orders = plan.group_orders(cfg, rank, world_size, seed)

@@ -75,3 +75,18 @@ def export_cuda_home() -> str | None:
         # cpp_extension resolved CUDA_HOME when it was imported; keep it consistent with the env.
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     return os.environ["CUDA_HOME"]
+
+
+def pin_local_arch() -> str | None:
+    """Set TORCH_CUDA_ARCH_LIST to the visible GPUs' compute capabilities (e.g. "9.0") unless it is
+    set, so a JIT build compiles for this machine's architecture only. Returns the value in force
+    (None without a CUDA device). Every process of one job must agree on it: the JIT build is
+    redone when its flags change."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{major}.{minor}" for major, minor in caps)
+    return os.environ["TORCH_CUDA_ARCH_LIST"]
