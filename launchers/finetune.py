@@ -18,7 +18,7 @@ from msgfm.finetune.train import finetune
 from msgfm.train.launch import parse_launcher_args, run_reporting_user_errors
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=TASKS, help="downstream task")
     parser.add_argument("--config", default=None, help="fine-tuning config name or YAML (default: ft_<task>)")
@@ -31,12 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parse_launcher_args(parser, argv)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_reporting_user_errors("finetune", lambda: finetune(
         args.config or f"ft_{args.task}", args.overrides, args.deepspeed_config, task_name=args.task,
         pretrained=args.pretrained, data_root=args.data_root, output_dir=args.output_dir or f"runs/ft_{args.task}",
-        eval_only=args.eval_only, checkpoint=args.checkpoint))
+        eval_only=args.eval_only, checkpoint=args.checkpoint), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from msgfm.train import pretrain
 from msgfm.train.launch import parse_launcher_args, run_reporting_user_errors
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="msgfm_swinb_192", help="shipped config name or YAML path")
     parser.add_argument("--data-root", default=None, help="folder of the HDF5 shards (default: data.root)")
@@ -27,11 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parse_launcher_args(parser, argv)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_reporting_user_errors("pretrain", lambda: pretrain(
         args.config, args.overrides, args.deepspeed_config, args.data_root, args.output_dir,
-        dry_run=args.dry_run, world_size=args.world_size))
+        dry_run=args.dry_run, world_size=args.world_size), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import importlib
 import logging
 import sys
 
+from msgfm.errors import user_message
+
 # subcommand -> module holding its add_parser(subparsers)
 COMMANDS = {
     "convert": "msgfm.data.convert",
@@ -34,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        # user errors: one clear line, no traceback (use -v for one)
-        if args.verbose:
+    except Exception as err:
+        # errors the user caused: one clear line, no traceback (-v shows it); bugs keep theirs
+        message = user_message(err)
+        if message is None or args.verbose:
             raise
-        print(f"msgfm {args.command}: error: {err}", file=sys.stderr)
+        print(f"msgfm {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -15,3 +15,19 @@ class UserError(ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the user named (or a command should have written) does not exist."""
+
+
+# Operating-system errors about a path the user named: reported as one line like UserError.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one line to show for an error the user caused, or None for a bug (keep its traceback)."""
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno == 28:  # ENOSPC, whatever raised it
+        return f"no space left on device{f' writing {err.filename}' if err.filename else ''}: free some space"
+    if isinstance(err, PATH_ERRORS) and err.filename is not None:
+        reason = (err.strerror or type(err).__name__).lower()
+        return f"{reason}: {err.filename}"
+    return None

@@ -15,14 +15,17 @@ in the run config the launchers take::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
+from msgfm.errors import MissingFileError, UserError
 
-class UnknownSensorError(KeyError, ValueError):
+
+class UnknownSensorError(UserError, KeyError):
     """A sensor name that is not registered; the message lists the registered ones."""
 
     def __str__(self) -> str:
@@ -45,34 +48,34 @@ class SensorSpec:
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum():
-            raise ValueError(f"sensor name '{self.name}' must be a non-empty identifier (letters, digits, _)")
+            raise UserError(f"sensor name '{self.name}' must be a non-empty identifier (letters, digits, _)")
         if not self.bands:
-            raise ValueError(f"sensor '{self.name}': needs at least one band")
+            raise UserError(f"sensor '{self.name}': needs at least one band")
         if len(set(self.bands)) != len(self.bands):
-            raise ValueError(f"sensor '{self.name}': repeated band names in {list(self.bands)}")
+            raise UserError(f"sensor '{self.name}': repeated band names in {list(self.bands)}")
         if self.wavelengths_nm is not None and len(self.wavelengths_nm) != len(self.bands):
-            raise ValueError(f"sensor '{self.name}': {len(self.wavelengths_nm)} wavelengths for "
-                             f"{len(self.bands)} bands; give one per band (null where none applies)")
+            raise UserError(f"sensor '{self.name}': {len(self.wavelengths_nm)} wavelengths for "
+                            f"{len(self.bands)} bands; give one per band (null where none applies)")
         if self.gsd_m is not None and self.gsd_m <= 0:
-            raise ValueError(f"sensor '{self.name}': gsd_m must be > 0, got {self.gsd_m}")
+            raise UserError(f"sensor '{self.name}': gsd_m must be > 0, got {self.gsd_m}")
         if len(self.rgb_bands) not in (1, 3) or not all(0 <= i < len(self.bands) for i in self.rgb_bands):
-            raise ValueError(f"sensor '{self.name}': rgb_bands {list(self.rgb_bands)} must be 1 or 3 "
-                             f"indices into its {len(self.bands)} bands")
+            raise UserError(f"sensor '{self.name}': rgb_bands {list(self.rgb_bands)} must be 1 or 3 "
+                            f"indices into its {len(self.bands)} bands")
 
     @property
     def num_channels(self) -> int:
         return len(self.bands)
 
     @classmethod
-    def from_dict(cls, name: str, data: dict[str, Any]) -> "SensorSpec":
+    def from_dict(cls, name: str, data: dict[str, Any]) -> SensorSpec:
         allowed = {"bands", "wavelengths_nm", "gsd_m", "rgb_bands", "description"}
         if not isinstance(data, dict):
-            raise ValueError(f"sensor '{name}': expected a mapping with keys {sorted(allowed)}, got {data!r}")
+            raise UserError(f"sensor '{name}': expected a mapping with keys {sorted(allowed)}, got {data!r}")
         unknown = set(data) - allowed
         if unknown:
-            raise ValueError(f"sensor '{name}': unknown keys {sorted(unknown)}; valid keys: {sorted(allowed)}")
+            raise UserError(f"sensor '{name}': unknown keys {sorted(unknown)}; valid keys: {sorted(allowed)}")
         if "bands" not in data:
-            raise ValueError(f"sensor '{name}': 'bands' is required (a list of band names)")
+            raise UserError(f"sensor '{name}': 'bands' is required (a list of band names)")
         wavelengths = data.get("wavelengths_nm")
         return cls(
             name=name,
@@ -117,8 +120,8 @@ def register_sensor(spec: SensorSpec, *, replace: bool = False) -> SensorSpec:
     """Add a sensor. Re-registering an identical spec is a no-op; a different one needs ``replace``."""
     current = _REGISTRY.get(spec.name)
     if current is not None and current != spec and not replace:
-        raise ValueError(f"sensor '{spec.name}' is already registered with other bands; pass replace=True "
-                         f"or choose another name")
+        raise UserError(f"sensor '{spec.name}' is already registered with other bands; pass replace=True "
+                        f"or choose another name")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -139,11 +142,11 @@ def register_sensor_specs(specs: Mapping[str, Any], where: str) -> list[SensorSp
         try:
             spec = SensorSpec.from_dict(str(name), data)
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise UserError(f"{where}: {err}") from None
         builtin = _BUILTIN_BY_NAME.get(spec.name)
         if builtin is not None and builtin != spec:
-            raise ValueError(f"{where}: sensor '{spec.name}' is built in (bands {list(builtin.bands)}, gsd_m "
-                             f"{builtin.gsd_m}) and cannot be redefined; give your sensor another name")
+            raise UserError(f"{where}: sensor '{spec.name}' is built in (bands {list(builtin.bands)}, gsd_m "
+                            f"{builtin.gsd_m}) and cannot be redefined; give your sensor another name")
         parsed.append(spec)
     return [register_sensor(spec, replace=True) for spec in parsed]
 
@@ -156,19 +159,19 @@ def load_sensors_file(path: str | Path) -> list[SensorSpec]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"sensors file {path}: no such file")
+        raise MissingFileError(f"sensors file {path}: no such file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if isinstance(data, dict) and _CONFIG_KEYS & set(data):
         data = data.get("sensors") or {}
         if not data:
-            raise ValueError(f"{path} is a config without a 'sensors:' section; declare the sensors there or "
-                             f"in a file of their own")
+            raise UserError(f"{path} is a config without a 'sensors:' section; declare the sensors there or "
+                            f"in a file of their own")
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: expected a mapping of sensor name to spec, e.g. 'landsat7: {{bands: [B1, B2, "
-                         f"B3], gsd_m: 30}}'")
+        raise UserError(f"{path}: expected a mapping of sensor name to spec, e.g. 'landsat7: {{bands: [B1, B2, "
+                        f"B3], gsd_m: 30}}'")
     return register_sensor_specs(data, str(path))
 
 

@@ -6,7 +6,6 @@ import pytest
 from msgfm.config import RunConfig, list_configs, load_config, save_config
 from msgfm.sensors import SensorSpec, get_sensor, list_sensors, register_sensors_from_yaml
 
-
 PRETRAIN_CONFIGS = [n for n in list_configs() if not n.startswith("ft_")]  # ft_*: fine-tuning, own schema
 
 

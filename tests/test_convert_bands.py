@@ -35,7 +35,8 @@ def test_rgb_from_bands_3_2_1_of_a_six_band_scene(scene: Path, tmp_path: Path) -
         ids = [i.decode() for i in f["ids"][:]]
         red = src.read(3, window=Window(48, 0, 48, 48))  # band 3 = red, tile at row 0, col 48
         np.testing.assert_array_equal(f["rgb"][ids.index("scene_r0_c48"), 0], red)
-        np.testing.assert_array_equal(f["rgb"][ids.index("scene_r0_c48")], src.read([3, 2, 1], window=Window(48, 0, 48, 48)))
+        np.testing.assert_array_equal(f["rgb"][ids.index("scene_r0_c48")],
+                                      src.read([3, 2, 1], window=Window(48, 0, 48, 48)))
         by_index = f["rgb"][:]
     by_name = _geotiff(scene, tmp_path / "names", "--sensor", "rgb", "--bands", "Red, GREEN,blue")
     with h5py.File(by_name) as f:

@@ -14,13 +14,13 @@ import pytest
 import rasterio
 from fixtures.make_bigearthnet_v2 import ASSIGNMENT, MISSING_PATCH, V2Patch, write_bigearthnet_v2
 
+from msgfm.config import load_finetune_config
 from msgfm.data.convert import run as convert
 from msgfm.data.convert.bigearthnet import BEN19_CLASSES
 from msgfm.data.convert.bigearthnet_index import detect_version
 from msgfm.data.format import read_shard_info
 from msgfm.data.georef import read_georef
 from msgfm.data.stats import write_stats
-from msgfm.config import load_finetune_config
 from msgfm.finetune.data import TaskDataset, split_paths, task_stats
 
 pytestmark = pytest.mark.realdata

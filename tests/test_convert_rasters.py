@@ -99,7 +99,8 @@ def test_raster_pair_refuses_other_crs_and_disjoint_rasters(landsat, tmp_path: P
         convert(["raster-pair", "--raster", f"rgb={rgb_path}", "--raster", f"dsm={far}", "-o", str(tmp_path / "o")])
     with pytest.raises(ValueError, match=r"rmnp-rgb.tif has 3 bands \(1, 2, 3\) but sensor 'dsm' has 1 "
                                          r"\['elevation'\]; select them with --bands 1 "):
-        convert(["raster-pair", "--raster", f"dsm={rgb_path}", "--raster", f"rgb={dem_path}", "-o", str(tmp_path / "o")])
+        convert(["raster-pair", "--raster", f"dsm={rgb_path}", "--raster", f"rgb={dem_path}", "-o",
+                 str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 
 

@@ -13,11 +13,11 @@ import pytest
 from fixtures.make_sen12mscr import PATCH_WITHOUT_CLOUDY, PATCHES, ROI, write_sen12mscr
 from fixtures.make_vaihingen import AREA_WITHOUT_DSM, write_vaihingen
 
+from msgfm.config import load_finetune_config
 from msgfm.data.convert import run as convert
 from msgfm.data.convert.common import LoadResult, Sample, SkipItem, run_splits_from_args
 from msgfm.data.convert.sen12mscr import OFFICIAL_SPLITS
 from msgfm.data.format import SensorArraySpec
-from msgfm.config import load_finetune_config
 from msgfm.finetune.data import split_paths
 
 

@@ -9,14 +9,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
-from msgfm.data.synthetic import random_arrays, write_shard
 from test_train_support import tiny_config
+
 from msgfm.data.dataset import GroupDataset
 from msgfm.data.pipeline import build_pretrain_data
 from msgfm.data.plan import DataValidationError, plan_data, validate_data
 from msgfm.data.scheduler import CorruptSampleError
 from msgfm.data.stats import load_stats, write_stats
+from msgfm.data.synthetic import random_arrays, write_shard
 from msgfm.data.transforms import SampleTransform
 
 SIZE = 32  # stored side = model side: validation transform is then the identity crop

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from reference_losses import REFERENCE, compare, run_demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.realdata]

@@ -12,14 +12,14 @@ from fixtures.make_sen12mscr import write_sen12mscr
 from fixtures.make_vaihingen import write_vaihingen
 
 from msgfm.config import list_configs, load_config
-from msgfm.data.stats import load_stats, write_stats
 from msgfm.config.finetune import load_finetune_config
-from msgfm.finetune.data import TaskDataset
 from msgfm.data.convert import run as convert
-from msgfm.tasks.downstream import RestorationTask, degrade, sliding_window, window_starts
+from msgfm.data.stats import load_stats, write_stats
 from msgfm.finetune.build import encoder_config, new_model
+from msgfm.finetune.data import TaskDataset
 from msgfm.finetune.train import finetune
 from msgfm.tasks import build_pretrain_task
+from msgfm.tasks.downstream import RestorationTask, degrade, sliding_window, window_starts
 
 FT_CONFIGS = [n for n in list_configs() if n.startswith("ft_")]
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -200,8 +200,8 @@ def test_layer_decay_reaches_the_deepspeed_optimizer(single_rank_dist):
     import deepspeed
 
     from msgfm.finetune.options import param_groups
-    from msgfm.train.optim import set_lr
     from msgfm.train.ds_config import load_ds_config
+    from msgfm.train.optim import set_lr
 
     cfg = load_finetune_config("ft_ben_tiny", ["model.moe.enabled=false", "transfer.layer_decay=0.5"])
     model = new_model(cfg, encoder_config(cfg, None))

@@ -11,10 +11,10 @@ import rasterio
 from fixtures.make_sen12mscr import write_sen12mscr
 from fixtures.make_vaihingen import AREA_WITHOUT_DSM, write_vaihingen
 
-from msgfm.data.format import read_shard_info
 from msgfm.data.convert import run as convert
 from msgfm.data.convert.spacenet import block_mean
 from msgfm.data.convert.vaihingen import colours_to_classes
+from msgfm.data.format import read_shard_info
 from msgfm.sensors import get_sensor
 
 

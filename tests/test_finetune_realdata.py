@@ -11,16 +11,16 @@ import pytest
 import torch
 from test_finetune import write_pretraining_checkpoint
 
+from msgfm.config.finetune import load_finetune_config
+from msgfm.data.convert import run as convert
 from msgfm.data.convert import run as convert_pretraining_kind
 from msgfm.data.fetch import FetchError, bigearthnet_examples
 from msgfm.data.stats import load_stats, write_stats
-from msgfm.config.finetune import load_finetune_config
-from msgfm.finetune.data import TaskDataset
-from msgfm.data.convert import run as convert
-from msgfm.tasks.metrics import RestorationMetrics, scalars
-from msgfm.tasks.downstream import RestorationTask
 from msgfm.finetune.build import encoder_config, new_model
+from msgfm.finetune.data import TaskDataset
 from msgfm.finetune.train import finetune
+from msgfm.tasks.downstream import RestorationTask
+from msgfm.tasks.metrics import RestorationMetrics, scalars
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 

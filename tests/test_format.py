@@ -9,8 +9,16 @@ import h5py
 import numpy as np
 import pytest
 
-from msgfm.data.format import (FORMAT_VERSION, LabelSpec, SensorArraySpec, ShardError, ShardWriter,
-                               multilabel_spec, read_shard_info, segmentation_spec)
+from msgfm.data.format import (
+    FORMAT_VERSION,
+    LabelSpec,
+    SensorArraySpec,
+    ShardError,
+    ShardWriter,
+    multilabel_spec,
+    read_shard_info,
+    segmentation_spec,
+)
 from msgfm.data.georef import Georef, read_georef
 from msgfm.sensors import get_sensor
 
@@ -91,7 +99,7 @@ def test_crash_keeps_previous_version(tmp_path: Path) -> None:
     path = tmp_path / "a.h5"
     _write(path, n=2)
     with pytest.raises(RuntimeError):
-        with ShardWriter(path, "sen12ms", _specs()) as writer:
+        with ShardWriter(path, "sen12ms", _specs()):
             raise RuntimeError("boom")
     assert read_shard_info(path).num_samples == 2
 

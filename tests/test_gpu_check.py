@@ -34,7 +34,8 @@ def test_full_plan_runs_the_paper_model_on_one_gpu(tmp_path):
         assert cfg.model.moe.num_experts == 8
         assert precision(load_ds_config(run.ds_config)) == run.name.split()[0]
         fast = run.name.endswith("fused")
-        assert (cfg.kernels.attention, cfg.kernels.window_process) == (("fused", "fused") if fast else ("sdpa", "torch"))
+        expected = ("fused", "fused") if fast else ("sdpa", "torch")
+        assert (cfg.kernels.attention, cfg.kernels.window_process) == expected
     assert 20 <= plan.steps <= 30 and plan.warmup >= 1
 
 

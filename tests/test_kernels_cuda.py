@@ -12,8 +12,7 @@ import torch
 
 from msgfm.ops import fused, resolve_attention_impl, resolve_window_process_impl
 from msgfm.ops.testing import PARITY_TOLERANCE as TOLERANCE
-from msgfm.ops.testing import attention_reference_float64, attention_with_grads, make_attention_case, \
-    relative_error
+from msgfm.ops.testing import attention_reference_float64, attention_with_grads, make_attention_case, relative_error
 from msgfm.ops.window_process import window_merge_torch, window_partition_torch
 
 pytestmark = [

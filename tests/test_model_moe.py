@@ -6,8 +6,8 @@ import torch
 
 from msgfm.config import load_config
 from msgfm.models import init_expert_groups, reinit_experts
-from msgfm.tasks import build_pretrain_task, count_parameters
 from msgfm.sensors import get_sensor
+from msgfm.tasks import build_pretrain_task, count_parameters
 
 
 def _demo(*overrides: str) -> tuple:

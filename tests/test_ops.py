@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from msgfm.ops import fused, resolve_attention_impl, resolve_window_process_impl, window_merge, window_partition
-from msgfm.ops.testing import attention_reference_float64, attention_with_grads, make_attention_case, \
-    relative_error
+from msgfm.ops.testing import attention_reference_float64, attention_with_grads, make_attention_case, relative_error
 from msgfm.ops.window_attention import FusedUnavailableError
 from msgfm.ops.window_process import window_merge_torch, window_partition_torch
 

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from msgfm.config import load_config
-from msgfm.ops.benchmark import ProfileRow, ProfileShape, attention_bytes, format_table, parse_shape, \
-    swin_stage_shapes, target_summary, write_reports
+from msgfm.ops.benchmark import (
+    ProfileRow,
+    ProfileShape,
+    attention_bytes,
+    format_table,
+    parse_shape,
+    swin_stage_shapes,
+    target_summary,
+    write_reports,
+)
 
 LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "profile_kernels.py"
 

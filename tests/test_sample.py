@@ -33,7 +33,8 @@ def test_sample_matches_the_demo_config(sample: Path) -> None:
             assert sorted(info.sensors) == sorted(group.sensors) and info.group == group.name
             assert all(s.shape[2] >= cfg.model.img_size for s in info.sensors.values())
         assert (sample / group.name / "stats.json").is_file()
-    counts = {g: sum(read_shard_info(p).num_samples for p in (sample / g).glob("*.h5")) for g in ("rgb", "sen12ms", "mdas")}
+    counts = {g: sum(read_shard_info(p).num_samples for p in (sample / g).glob("*.h5"))
+              for g in ("rgb", "sen12ms", "mdas")}
     assert counts == {"rgb": 12 * 16 + 12 * 4, "sen12ms": 6, "mdas": 49}
     s2 = read_shard_info(sample / "sen12ms" / "bigearthnet-00000.h5").sensors["s2"]
     assert s2.channels == 12

@@ -6,12 +6,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train_support import tiny_config
 from torch.utils.data import DataLoader, Dataset
 
-from test_train_support import tiny_config
 from msgfm.config import load_config
-from msgfm.data.scheduler import (CorruptSampleError, CorruptTracker, GroupOrder, HeterogeneousScheduler,
-                                  StepRangeBatchSampler, resolve_group_batches, split_train_val)
+from msgfm.data.scheduler import (
+    CorruptSampleError,
+    CorruptTracker,
+    GroupOrder,
+    HeterogeneousScheduler,
+    StepRangeBatchSampler,
+    resolve_group_batches,
+    split_train_val,
+)
 
 
 class _IndexDataset(Dataset):

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msgfm.data.synthetic import random_arrays, write_shard
 from msgfm.data import stats as stats_module
 from msgfm.data.stats import MissingStatsError, expand_shard_args, load_stats, write_stats
+from msgfm.data.synthetic import random_arrays, write_shard
 
 
 def _reference(raw_NCHW: np.ndarray, nodata=None, scale=1.0, offset=0.0):

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from reference_losses import REFERENCE, compare, logged_losses
 from test_train_support import REPO, write_tiny_run
 
@@ -208,8 +207,8 @@ def test_consolidated_weights_load_without_process_group(runs):
 
 def test_finetuning_starts_from_the_two_rank_moe_checkpoint(runs):
     """The whole chain: fine-tuning reads the engine's expert-parallel checkpoint (experts of both ranks)."""
-    from msgfm.finetune.build import build_finetune_model
     from msgfm.config.finetune import load_finetune_config
+    from msgfm.finetune.build import build_finetune_model
     from msgfm.finetune.transfer import ENCODER_PREFIX
     from msgfm.models import backbone_state
     from msgfm.train.checkpoint import load_model_state_dict

@@ -5,12 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
+from test_train_support import write_tiny_config, write_tiny_data, write_tiny_ds_config
 
 from msgfm.config import load_config
 from msgfm.data.plan import plan_data
 from msgfm.train.ds_config import load_ds_config
 from msgfm.train.pretrain import build_trainer
-from test_train_support import write_tiny_config, write_tiny_data, write_tiny_ds_config
 
 
 def run_losses(folder: Path, out: Path, *overrides: str) -> list[float]:

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_train_support import REPO, write_tiny_ds_config, write_tiny_run
 
 from msgfm.train import pretrain
-from test_train_support import REPO, write_tiny_ds_config, write_tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from msgfm.config import load_config
-from msgfm.finetune.build import build_finetune_model, encoder_config, load_pretrained, new_model
 from msgfm.config.finetune import load_finetune_config
+from msgfm.finetune.build import build_finetune_model, encoder_config, load_pretrained, new_model
 from msgfm.finetune.options import param_groups, select_train_fraction, swin_layer_id
 from msgfm.finetune.transfer import TransferError, interpolate_bias_table
-from msgfm.models import backbone_state
 from msgfm.tasks import build_pretrain_task
 
 

@@ -24,8 +24,9 @@ import random
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import psutil
@@ -115,12 +116,13 @@ def bench(folder: Path, num: int, epochs: int, compression: str | None, repeats:
         transform = SampleTransform(img_size=IMG_SIZE, train=True)
         dataset = GroupDataset([shard], [sensor], stats, transform, name=sensor)
 
-        def hdf5_step(items):
+        def hdf5_step(items: list[tuple[int, int]], dataset: GroupDataset = dataset) -> dict[str, Any]:
             return collate_samples(dataset.__getitems__(items))
 
         normalizers = dataset.normalizers[0]
 
-        def geotiff_step(items):
+        def geotiff_step(items: list[tuple[int, int]], tiffs: list[Path] = tiffs, sensor: str = sensor,
+                         transform: SampleTransform = transform, normalizers: Any = normalizers) -> dict[str, Any]:
             samples = []
             for index, seed in items:
                 with rasterio.open(tiffs[index]) as src:
@@ -129,10 +131,10 @@ def bench(folder: Path, num: int, epochs: int, compression: str | None, repeats:
                 samples.append({"images": images, "valid": valid, "id": str(index)})
             return collate_samples(samples)
 
-        def hdf5_read(items):
+        def hdf5_read(items: list[tuple[int, int]], dataset: GroupDataset = dataset) -> list[Any]:
             return [dataset.read_raw(index) for index, _ in items]
 
-        def geotiff_read(items):
+        def geotiff_read(items: list[tuple[int, int]], tiffs: list[Path] = tiffs) -> list[Any]:
             out = []
             for index, _ in items:
                 with rasterio.open(tiffs[index]) as src:

@@ -35,9 +35,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -272,7 +273,7 @@ class GpuCheck:
                                         f"({size:.0f} MiB) in {self.data_root}")
 
     def build(self, part: Part) -> None:
-        """msgfm's kernels and DeepSpeed's FusedAdam compile at the same time (two nvcc jobs)."""
+        """Msgfm's kernels and DeepSpeed's FusedAdam compile at the same time (two nvcc jobs)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         procs, files, seconds = {}, {}, {}
         for label, function in (("kernels", "build_kernels"), ("FusedAdam", "build_fused_adam")):

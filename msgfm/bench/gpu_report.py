@@ -36,7 +36,8 @@ def loss_scale_summary(run: dict[str, Any]) -> dict[str, Any]:
     while calibration < len(overflows) and overflows[calibration] == calibration:
         calibration += 1
     scales = run.get("loss_scale_history", [])
-    return {"overflows": len(overflows), "calibration_overflows": calibration, "late_overflows": overflows[calibration:],
+    return {"overflows": len(overflows), "calibration_overflows": calibration,
+            "late_overflows": overflows[calibration:],
             "scale_first": scales[0] if scales else None, "scale_last": scales[-1] if scales else None,
             "finite": bool(run.get("finite")), "steps": run.get("steps", 0) + run.get("warmup", 0) + 1}
 

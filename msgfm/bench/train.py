@@ -43,9 +43,10 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -191,10 +192,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
     import deepspeed.comm as dist
 
     from msgfm.config import load_config
-    from msgfm.ops import resolve_attention_impl, resolve_window_process_impl
-    from msgfm.train.ds_config import load_ds_config, precision, zero_stage
     from msgfm.data.plan import plan_data
     from msgfm.data.synthetic import write_synthetic_data
+    from msgfm.ops import resolve_attention_impl, resolve_window_process_impl
+    from msgfm.train.ds_config import load_ds_config, precision, zero_stage
     from msgfm.train.pretrain import build_trainer
 
     world, rank = dist.get_world_size(), dist.get_rank()

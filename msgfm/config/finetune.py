@@ -11,15 +11,23 @@ Shipped configs: ``msgfm/configs/ft_*.yaml``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 
 from msgfm.config.loader import apply_override, from_dict, parse_override, read_yaml_tree
-from msgfm.config.schema import (KernelsConfig, ModelConfig, OptimizerConfig, ScheduleConfig, TrackingConfig,
-                                 check_sensor, config_error)
+from msgfm.config.schema import (
+    KernelsConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    TrackingConfig,
+    check_sensor,
+    config_error,
+)
 from msgfm.sensors import SensorSpec, register_sensor
 
 TASKS = ("ben", "vaihingen", "sen12mscr", "spacenet", "spacenet_buildings")

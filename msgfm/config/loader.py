@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from msgfm.config.schema import RunConfig, config_error
+from msgfm.errors import MissingFileError, UserError
 from msgfm.sensors import SensorSpec, register_sensor
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -91,13 +93,13 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"'{prefix}.{unknown[0]}'" if prefix else f"'{unknown[0]}'"
-        raise ValueError(f"unknown config key {where}; valid keys{' under ' + repr(prefix) if prefix else ''}: "
-                         f"{', '.join(names)}")
+        raise UserError(f"unknown config key {where}; valid keys{' under ' + repr(prefix) if prefix else ''}: "
+                        f"{', '.join(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as err:  # a required field is missing
-        raise ValueError(f"config section '{prefix or cls.__name__}': {err}") from None
+        raise UserError(f"config section '{prefix or cls.__name__}': {err}") from None
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -112,12 +114,12 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise MissingFileError(f"config file {path} does not exist")
         return path
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
     if not shipped.exists():
-        raise FileNotFoundError(f"no config named '{name_or_path}'; shipped configs: {', '.join(list_configs())} "
-                                f"(or pass a path to a .yaml file)")
+        raise MissingFileError(f"no config named '{name_or_path}'; shipped configs: {', '.join(list_configs())} "
+                               f"(or pass a path to a .yaml file)")
     return shipped
 
 
@@ -128,11 +130,11 @@ def list_configs() -> list[str]:
 def read_yaml_tree(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     path = resolve_config_path(name_or_path).resolve()
     if path in seen:
-        raise ValueError(f"config {path} inherits from itself through _base_")
+        raise UserError(f"config {path} inherits from itself through _base_")
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"config {path} must hold a mapping at the top level")
+        raise UserError(f"config {path} must hold a mapping at the top level")
     base = data.pop("_base_", None)
     if base is None:
         return data
@@ -143,11 +145,11 @@ def read_yaml_tree(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> dic
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``model.moe.num_experts=4`` -> (["model", "moe", "num_experts"], 4); values are YAML."""
     if "=" not in text:
-        raise ValueError(f"override '{text}' must look like dotted.key=value")
+        raise UserError(f"override '{text}' must look like dotted.key=value")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ValueError(f"override '{text}': empty component in the dotted key")
+        raise UserError(f"override '{text}': empty component in the dotted key")
     return parts, yaml.safe_load(raw)
 
 
@@ -159,13 +161,13 @@ def apply_override(tree: dict, parts: list[str], value: Any, text: str) -> None:
             items = node[part]
             match = [g for g in items if isinstance(g, dict) and g.get("name") == parts[i + 1]]
             if not match:
-                raise ValueError(f"override '{text}': no entry named '{parts[i + 1]}' in '{part}' "
-                                 f"(names: {[g.get('name') for g in items if isinstance(g, dict)]})")
+                raise UserError(f"override '{text}': no entry named '{parts[i + 1]}' in '{part}' "
+                                f"(names: {[g.get('name') for g in items if isinstance(g, dict)]})")
             apply_override(match[0], parts[i + 2:], value, text)
             return
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"override '{text}': '{part}' is not a section")
+            raise UserError(f"override '{text}': '{part}' is not a section")
     node[parts[-1]] = value
 
 
@@ -180,8 +182,8 @@ def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> RunC
     """Load a shipped config by name (``msgfm_swinb_192``) or a YAML path, then apply dotted overrides."""
     tree = read_yaml_tree(name_or_path)
     if "task" in tree and "task" not in {f.name for f in dataclasses.fields(RunConfig)}:
-        raise ValueError(f"'{name_or_path}' is a fine-tuning config (it has a 'task'); load it with "
-                         f"msgfm.config.load_finetune_config or launchers/finetune.py")
+        raise UserError(f"'{name_or_path}' is a fine-tuning config (it has a 'task'); load it with "
+                        f"msgfm.config.load_finetune_config or launchers/finetune.py")
     for text in overrides:
         parts, value = parse_override(text)
         apply_override(tree, parts, value, text)

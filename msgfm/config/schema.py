@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
+from msgfm.errors import UserError
 from msgfm.sensors import UnknownSensorError, get_sensor
 
 # Swin downsamples by 2 three times after the patch embedding: total stride 8 x patch.
@@ -22,7 +23,7 @@ NUM_PATCH_MERGES = 3
 
 def config_error(key: str, message: str) -> None:
     """Raise the ValueError every config check uses: the dotted key, then what is wrong and what to do."""
-    raise ValueError(f"config key '{key}': {message}")
+    raise UserError(f"config key '{key}': {message}")
 
 
 def check_sensor(name: str, key: str) -> None:
@@ -87,7 +88,7 @@ class ModelConfig:
     # Sensors that get a patch embedding f_i and a decoder D_i. Empty: the sensors of the data groups.
     sensors: list[str] = field(default_factory=list)
     # Activation checkpointing, one flag per stage (or one bool for all stages).
-    grad_checkpointing: Union[bool, list[bool]] = False
+    grad_checkpointing: bool | list[bool] = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
@@ -186,7 +187,7 @@ class DataGroupConfig:
     # Shard globs, relative to data.root unless absolute.
     shards: list[str] = field(default_factory=list)
     # An int, or "auto": proportional to the group's sample count (see data.total_batch_size_per_gpu).
-    batch_size_per_gpu: Union[int, str] = 32
+    batch_size_per_gpu: int | str = 32
     # Base learning rate; None with "auto" batch sizes: the linear-scaling rule from data.reference_lr.
     lr: float | None = None
     num_workers: int = 2
@@ -398,7 +399,8 @@ class RunConfig:
             config_error("masking.mask_patch_size", f"{mask.mask_patch_size} is not a multiple of the model patch "
                                              f"size {m.patch_size}")
         if m.img_size % mask.mask_patch_size:
-            config_error("masking.mask_patch_size", f"{mask.mask_patch_size} does not divide model.img_size {m.img_size}")
+            config_error("masking.mask_patch_size",
+                         f"{mask.mask_patch_size} does not divide model.img_size {m.img_size}")
         missing = [s for s in self.data.sensors if m.sensors and s not in m.sensors]
         if missing:
             config_error("model.sensors", f"data groups use sensors {missing} that the model has no embedding for; "

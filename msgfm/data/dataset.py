@@ -21,8 +21,9 @@ import bisect
 import os
 import random
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -33,6 +34,7 @@ from msgfm.data.format import ShardInfo, read_shard_info
 from msgfm.data.scheduler import CorruptSampleError
 from msgfm.data.stats import Stats
 from msgfm.data.transforms import SampleTransform, SensorNormalizer
+from msgfm.errors import UserError
 
 # Open shards per process: random access touches every shard, and a worker must stay well
 # under the usual 1024 file descriptors; the least recently used file is closed beyond it.
@@ -108,12 +110,12 @@ class GroupDataset(Dataset):
                  transform: SampleTransform, *, name: str = "", replacement_pool: Sequence[int] | None = None) -> None:
         infos = [s if isinstance(s, ShardInfo) else read_shard_info(s, check_data=False) for s in shards]
         if not infos:
-            raise ValueError(f"group '{name}': no shards")
+            raise UserError(f"group '{name}': no shards")
         for info in infos:
             missing = [s for s in sensors if s not in info.sensors]
             if missing:
-                raise ValueError(f"{info.path}: sensors {missing} of group '{name}' are not in this shard "
-                                 f"(it holds {list(info.sensors)})")
+                raise UserError(f"{info.path}: sensors {missing} of group '{name}' are not in this shard "
+                                f"(it holds {list(info.sensors)})")
         self.name = name
         self.sensors = list(sensors)
         self.paths = [info.path for info in infos]
@@ -156,7 +158,7 @@ class GroupDataset(Dataset):
 
     @property
     def _files(self) -> OrderedDict:
-        """This process's open handles (diagnostics and tests)."""
+        """The open handles of this process (diagnostics and tests)."""
         return self._handles.files
 
     @property
@@ -260,8 +262,8 @@ def normalizer_for(info: ShardInfo, sensor: str, stats: Stats) -> SensorNormaliz
     spec = info.sensors[sensor]
     sensor_stats = stats.sensor(sensor)
     if sensor_stats.bands != spec.bands:
-        raise ValueError(f"{stats.path}: statistics of sensor '{sensor}' are for bands {list(sensor_stats.bands)}, "
-                         f"{info.path} stores {list(spec.bands)}; run `msgfm stats` on these shards again")
+        raise UserError(f"{stats.path}: statistics of sensor '{sensor}' are for bands {list(sensor_stats.bands)}, "
+                        f"{info.path} stores {list(spec.bands)}; run `msgfm stats` on these shards again")
     return SensorNormalizer.from_stats(sensor_stats.mean, sensor_stats.std, scale=spec.scale, offset=spec.offset,
                                        nodata=spec.nodata)
 

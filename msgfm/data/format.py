@@ -25,17 +25,19 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
 
 from msgfm import __version__ as _msgfm_version
 from msgfm.data.georef import CRS_DATASET, TRANSFORM_DATASET, TRANSFORM_LENGTH, Georef, georef_arrays
-from msgfm.sensors import UnknownSensorError, get_sensor
+from msgfm.errors import UserError
+from msgfm.sensors import SensorSpec, UnknownSensorError, get_sensor
 
 # Version 2 added the per-sample georeference (/crs, /transform); version 1 files read as before.
 FORMAT_VERSION = 2
@@ -51,7 +53,7 @@ _RESERVED_NAMES = frozenset({"ids", "lat", "lon", "time", CRS_DATASET, TRANSFORM
 _GROW_BY = 64
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard that cannot be used as it is; the message names the file and what to do."""
 
 
@@ -75,13 +77,13 @@ class SensorArraySpec:
 
     def __post_init__(self) -> None:
         if np.dtype(self.dtype).name not in SENSOR_DTYPES:
-            raise ValueError(f"sensor dtype '{self.dtype}' is not supported; use one of {list(SENSOR_DTYPES)}")
+            raise UserError(f"sensor dtype '{self.dtype}' is not supported; use one of {list(SENSOR_DTYPES)}")
         object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
         for key in ("channels", "height", "width"):
             if int(getattr(self, key)) <= 0:
-                raise ValueError(f"SensorArraySpec.{key} must be > 0, got {getattr(self, key)}")
+                raise UserError(f"SensorArraySpec.{key} must be > 0, got {getattr(self, key)}")
         if self.scale == 0:
-            raise ValueError("SensorArraySpec.scale must not be 0 (physical = raw * scale + offset)")
+            raise UserError("SensorArraySpec.scale must not be 0 (physical = raw * scale + offset)")
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -104,7 +106,7 @@ class LabelSpec:
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
-            raise ValueError(f"label name '{self.name}' must be non-empty and contain no '/'")
+            raise UserError(f"label name '{self.name}' must be non-empty and contain no '/'")
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
 
@@ -118,12 +120,12 @@ def multilabel_spec(class_names: Sequence[str]) -> LabelSpec:
 def segmentation_spec(class_names: Sequence[str], height: int, width: int, ignore_index: int = 255) -> LabelSpec:
     """labels/segmentation: (N, H, W) uint8 class indices, attrs class_names and ignore_index."""
     if len(class_names) > 255:
-        raise ValueError(f"segmentation labels are uint8: at most 255 classes, got {len(class_names)}")
+        raise UserError(f"segmentation labels are uint8: at most 255 classes, got {len(class_names)}")
     return LabelSpec(name="segmentation", shape=(height, width), dtype="uint8",
                      attrs={"class_names": list(class_names), "ignore_index": int(ignore_index)})
 
 
-def _registry_spec(sensor: str, where: str):
+def _registry_spec(sensor: str, where: str) -> SensorSpec:
     try:
         return get_sensor(sensor)
     except UnknownSensorError as err:
@@ -150,20 +152,20 @@ class ShardWriter:
                  source: str = "", created_by: str = "msgfm") -> None:
         self.path = Path(path)
         if not sensors:
-            raise ValueError(f"{self.path}: a shard needs at least one sensor")
+            raise UserError(f"{self.path}: a shard needs at least one sensor")
         if compression not in COMPRESSIONS:
-            raise ValueError(f"compression '{compression}' is not supported; use one of {list(COMPRESSIONS)}")
+            raise UserError(f"compression '{compression}' is not supported; use one of {list(COMPRESSIONS)}")
         shapes = {(spec.height, spec.width) for spec in sensors.values()}
         if len(shapes) > 1:
-            raise ValueError(f"{self.path}: paired sensors must share H x W, got "
-                             f"{ {name: (s.height, s.width) for name, s in sensors.items()} }")
+            raise UserError(f"{self.path}: paired sensors must share H x W, got "
+                            f"{ {name: (s.height, s.width) for name, s in sensors.items()} }")
         for name, spec in sensors.items():
             if name in _RESERVED_NAMES:
-                raise ValueError(f"sensor name '{name}' clashes with a reserved dataset name {sorted(_RESERVED_NAMES)}")
+                raise UserError(f"sensor name '{name}' clashes with a reserved dataset name {sorted(_RESERVED_NAMES)}")
             registry = _registry_spec(name, str(self.path))
             if registry.num_channels != spec.channels:
-                raise ValueError(f"{self.path}: sensor '{name}' has {registry.num_channels} bands "
-                                 f"{list(registry.bands)} in the registry but the spec says {spec.channels} channels")
+                raise UserError(f"{self.path}: sensor '{name}' has {registry.num_channels} bands "
+                                f"{list(registry.bands)} in the registry but the spec says {spec.channels} channels")
         self.group = group
         self.sensors = dict(sensors)
         self.label_specs = {spec.name: spec for spec in (labels or ())}
@@ -222,14 +224,14 @@ class ShardWriter:
         ``georef`` is the CRS and transform of the sample's grid (shared by its sensors).
         """
         if self._file is None:
-            raise ValueError(f"{self.path}: writer is closed")
+            raise UserError(f"{self.path}: writer is closed")
         if set(images) != set(self.sensors):
-            raise ValueError(f"sample '{sample_id}': got sensors {sorted(images)}, shard {self.path.name} "
-                             f"holds {sorted(self.sensors)}")
+            raise UserError(f"sample '{sample_id}': got sensors {sorted(images)}, shard {self.path.name} "
+                            f"holds {sorted(self.sensors)}")
         labels = dict(labels or {})
         if set(labels) != set(self.label_specs):
-            raise ValueError(f"sample '{sample_id}': got labels {sorted(labels)}, shard {self.path.name} "
-                             f"declares {sorted(self.label_specs)}")
+            raise UserError(f"sample '{sample_id}': got labels {sorted(labels)}, shard {self.path.name} "
+                            f"declares {sorted(self.label_specs)}")
         arrays = {name: _checked(np.asarray(images[name]), spec.sample_shape, spec.dtype, f"sensor '{name}'",
                                  sample_id) for name, spec in self.sensors.items()}
         label_arrays = {name: _checked(np.asarray(labels[name]), spec.shape, spec.dtype, f"label '{name}'",
@@ -262,7 +264,7 @@ class ShardWriter:
             return self.path
         if self.num_samples == 0:
             self.abort()
-            raise ValueError(f"{self.path}: no samples were appended; an empty shard is not written")
+            raise UserError(f"{self.path}: no samples were appended; an empty shard is not written")
         self._resize(self.num_samples)
         f = self._file
         f.create_dataset("ids", data=np.array(self._ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
@@ -287,7 +289,7 @@ class ShardWriter:
             self._file = None
         self._tmp_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -300,14 +302,14 @@ class ShardWriter:
 
 def _checked(array: np.ndarray, shape: tuple[int, ...], dtype: str, what: str, sample_id: str) -> np.ndarray:
     if array.shape != tuple(shape):
-        raise ValueError(f"sample '{sample_id}': {what} has shape {array.shape}, expected {tuple(shape)}")
+        raise UserError(f"sample '{sample_id}': {what} has shape {array.shape}, expected {tuple(shape)}")
     target = np.dtype(dtype)
     if array.dtype != target:
         # Widening is always fine; float64 -> float32 is what numpy arithmetic produces, also fine.
         both_float = array.dtype.kind == "f" and target.kind == "f"
         if not (np.can_cast(array.dtype, target, "safe") or both_float):
-            raise ValueError(f"sample '{sample_id}': {what} is {array.dtype}, the shard stores {target}; "
-                             f"convert it explicitly (clip and cast) before appending")
+            raise UserError(f"sample '{sample_id}': {what} is {array.dtype}, the shard stores {target}; "
+                            f"convert it explicitly (clip and cast) before appending")
         array = array.astype(target)
     return array
 

@@ -16,11 +16,14 @@ shards do not need it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
+
+from msgfm.errors import UserError
 
 if TYPE_CHECKING:
     from affine import Affine
@@ -40,12 +43,12 @@ class Georef:
 
     def __post_init__(self) -> None:
         if len(self.transform) != TRANSFORM_LENGTH:
-            raise ValueError(f"a transform has {TRANSFORM_LENGTH} coefficients (a, b, c, d, e, f), "
-                             f"got {len(self.transform)}")
+            raise UserError(f"a transform has {TRANSFORM_LENGTH} coefficients (a, b, c, d, e, f), "
+                            f"got {len(self.transform)}")
         object.__setattr__(self, "transform", tuple(float(v) for v in self.transform))
 
     @property
-    def affine(self) -> "Affine":
+    def affine(self) -> Affine:
         """The transform as an ``affine.Affine`` (what rasterio takes)."""
         from affine import Affine
 
@@ -71,7 +74,7 @@ def crs_string(crs: Any) -> str:
     return str(crs.to_wkt())
 
 
-def grid_georef(crs: Any, transform: "Affine", row: int = 0, col: int = 0) -> Georef | None:
+def grid_georef(crs: Any, transform: Affine, row: int = 0, col: int = 0) -> Georef | None:
     """Georef of the grid that starts at pixel (row, col) of a raster with ``crs`` and ``transform``.
 
     None when the raster has no CRS (a transform alone does not place a tile on the ground).

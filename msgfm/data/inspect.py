@@ -3,8 +3,9 @@
 Prints the layout (datasets, shapes, dtypes, chunks, compression), the sample count, the
 per-sensor attributes, ids/coordinates, the georeference (CRS and transform, format v2),
 labels, and the band statistics when a stats file is found beside the shard.
-``--sample I`` adds where sample I lies (id, time, lat/lon, CRS, transform). A shard that fails validation is still listed (raw HDF5 tree)
-after the validation error, so a damaged file can be looked at.
+``--sample I`` adds where sample I lies (id, time, lat/lon, CRS, transform). A shard that
+fails validation is still listed (raw HDF5 tree) after the validation error, so a damaged
+file can be looked at.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from msgfm.data.format import ShardError, ShardInfo, read_shard_info
 from msgfm.data.georef import CRS_DATASET, read_georef
 from msgfm.data.stats import DEFAULT_STATS_NAME, MissingStatsError, default_stats_path, load_stats
+from msgfm.errors import UserError
 from msgfm.sensors import add_sensors_arg
 
 _MAX_LISTED = 8  # ids and class names shown before "..."
@@ -65,8 +67,8 @@ def describe_sample(path: str | Path, index: int) -> str:
     """Where sample ``index`` of a shard lies: id, time, lat/lon and georeference."""
     info = read_shard_info(path, check_data=False)
     if not 0 <= index < info.num_samples:
-        raise ValueError(f"{path}: --sample {index} is out of range; the shard holds {info.num_samples} samples "
-                         f"(0 to {info.num_samples - 1})")
+        raise UserError(f"{path}: --sample {index} is out of range; the shard holds {info.num_samples} samples "
+                        f"(0 to {info.num_samples - 1})")
     with h5py.File(info.path, "r") as f:
         sample_id = f["ids"].asstr()[index] if info.has_ids else "(no ids)"
         lines = [f"sample {index}: id {sample_id}"]

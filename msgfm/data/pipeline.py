@@ -1,21 +1,19 @@
 """From a run's data plan to the engine's data: datasets, loaders, the scheduler.
 
-    plan = plan_data(cfg, data_root)                 # msgfm/data/plan.py: validated once
-    data = build_pretrain_data(cfg, plan, rank, world_size, seed)
-    for epoch in range(data.train.epoch, cfg.schedule.epochs):
-        for step_batches in data.train:              # one (group, batch) per group, config order
-            ...
-    checkpoint["data"] = data.train.state_dict(); checkpoint["stats"] = data.stats
+plan = plan_data(cfg, data_root)                 # msgfm/data/plan.py: validated once
+data = build_pretrain_data(cfg, plan, rank, world_size, seed)
+for epoch in range(data.train.epoch, cfg.schedule.epochs):
+for step_batches in data.train:              # one (group, batch) per group, config order
+...
+checkpoint["data"] = data.train.state_dict(); checkpoint["stats"] = data.stats
 """
 from __future__ import annotations
 
-import glob
 import logging
-import shlex
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -23,10 +21,9 @@ from torch.utils.data import DataLoader
 from msgfm.config import DataGroupConfig, RunConfig
 from msgfm.data.dataset import GroupDataset, collate_samples
 from msgfm.data.plan import DataPlan, GroupSummary
-from msgfm.data.scheduler import (CorruptTracker, FixedBatchSampler, HeterogeneousScheduler,
-                                  StepRangeBatchSampler)
+from msgfm.data.scheduler import CorruptTracker, FixedBatchSampler, HeterogeneousScheduler, StepRangeBatchSampler
 from msgfm.data.transforms import SampleTransform
-from msgfm.sensors import get_sensor
+from msgfm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +75,7 @@ def build_pretrain_data(cfg: RunConfig, plan: DataPlan, rank: int, world_size: i
     """One dataset and DataLoader per group (train and val) and the scheduler over them, from the run's
     data plan (msgfm/data/plan.py). Every rank calls it with the same config, plan and seed."""
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world_size {world_size}")
+        raise UserError(f"rank {rank} outside world_size {world_size}")
     summaries = plan.summaries
     for s in summaries.values():
         log.info(s.describe())

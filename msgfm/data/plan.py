@@ -98,8 +98,8 @@ def _check_group(cfg: RunConfig, group: DataGroupConfig, data_root: Path, proble
         for sensor in group.sensors:
             bands = stats.sensor(sensor).bands
             if bands != get_sensor(sensor).bands:
-                raise ValueError(f"{stats.path}: statistics of sensor '{sensor}' are for bands {list(bands)}, "
-                                 f"the sensor has {list(get_sensor(sensor).bands)}; run `msgfm stats {hint}` again")
+                raise UserError(f"{stats.path}: statistics of sensor '{sensor}' are for bands {list(bands)}, "
+                                f"the sensor has {list(get_sensor(sensor).bands)}; run `msgfm stats {hint}` again")
     except (MissingStatsError, ValueError) as err:
         problems.append(f"{where}: {err}")
         return summary

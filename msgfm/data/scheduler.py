@@ -19,12 +19,14 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from msgfm.config import RunConfig
+from msgfm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def resolve_group_batches(cfg: RunConfig, group_sizes: Mapping[str, int]) -> dic
     data = cfg.data
     missing = [g.name for g in data.groups if g.name not in group_sizes]
     if missing:
-        raise ValueError(f"resolve_group_batches: no sample count for groups {missing}")
+        raise UserError(f"resolve_group_batches: no sample count for groups {missing}")
     fixed = {g.name: int(g.batch_size_per_gpu) for g in data.groups if g.batch_size_per_gpu != "auto"}
     auto = [g for g in data.groups if g.batch_size_per_gpu == "auto"]
     sizes: dict[str, int] = dict(fixed)
@@ -53,9 +55,9 @@ def resolve_group_batches(cfg: RunConfig, group_sizes: Mapping[str, int]) -> dic
         assert total is not None, "DataConfig.__post_init__ requires it with auto batch sizes"
         budget = total - sum(fixed.values())
         if budget < len(auto):
-            raise ValueError(f"config key 'data.total_batch_size_per_gpu': {total} leaves {budget} samples for "
-                             f"the {len(auto)} auto groups {[g.name for g in auto]} after the fixed groups "
-                             f"{fixed}; each needs at least 1: raise it to >= {sum(fixed.values()) + len(auto)}")
+            raise UserError(f"config key 'data.total_batch_size_per_gpu': {total} leaves {budget} samples for "
+                            f"the {len(auto)} auto groups {[g.name for g in auto]} after the fixed groups "
+                            f"{fixed}; each needs at least 1: raise it to >= {sum(fixed.values()) + len(auto)}")
         sizes.update(_split_proportionally(budget, {g.name: group_sizes[g.name] for g in auto}))
     out = {}
     for g in data.groups:
@@ -73,7 +75,7 @@ def _split_proportionally(total: int, weights: Mapping[str, int]) -> dict[str, i
     """Integers summing to ``total``, proportional to ``weights``, each at least 1."""
     weight_sum = sum(weights.values())
     if weight_sum <= 0:
-        raise ValueError(f"auto batch sizes need sample counts > 0, got {dict(weights)}")
+        raise UserError(f"auto batch sizes need sample counts > 0, got {dict(weights)}")
     ideal = {k: total * w / weight_sum for k, w in weights.items()}
     sizes = {k: max(1, math.floor(v)) for k, v in ideal.items()}
     by_remainder = sorted(weights, key=lambda k: ideal[k] - sizes[k], reverse=True)
@@ -101,7 +103,7 @@ class GroupOrder:
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} outside world_size {self.world_size}")
+            raise UserError(f"rank {self.rank} outside world_size {self.world_size}")
 
     @property
     def per_rank(self) -> int:
@@ -112,7 +114,7 @@ class GroupOrder:
         return self.per_rank // self.batch_size
 
     def epoch_order(self, group_epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's sample indices and augmentation seeds for one group epoch."""
+        """The sample indices and augmentation seeds of this rank for one group epoch."""
         rng = np.random.default_rng([self.seed, self.group_position, group_epoch])
         order = rng.permutation(len(self.indices))
         aug_seeds = rng.integers(0, 2**62, size=len(self.indices))
@@ -180,7 +182,7 @@ def split_train_val(num_samples: int, val_fraction: float, seed: int, group_posi
     return np.sort(perm[num_val:]), np.sort(perm[:num_val])
 
 
-class CorruptSampleError(RuntimeError):
+class CorruptSampleError(UserError, RuntimeError):
     """Too many unreadable samples: the run stops rather than train on a shrinking dataset."""
 
 
@@ -240,8 +242,8 @@ class HeterogeneousScheduler:
         if empty:
             details = ", ".join(f"'{n}' ({s.order.per_rank} training samples per rank < batch "
                                 f"{s.order.batch_size})" for n, s in zip(names, samplers) if n in empty)
-            raise ValueError(f"data groups without a single full batch per rank: {details}; add samples, "
-                             f"lower batch_size_per_gpu or use fewer ranks")
+            raise UserError(f"data groups without a single full batch per rank: {details}; add samples, "
+                            f"lower batch_size_per_gpu or use fewer ranks")
         self.names = list(names)
         self.loaders = list(loaders)
         self.samplers = list(samplers)

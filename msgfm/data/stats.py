@@ -22,15 +22,17 @@ import logging
 import os
 import shlex
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
 from msgfm.data.format import ShardInfo, read_shard_info
+from msgfm.errors import MissingFileError, UserError
 from msgfm.sensors import add_sensors_arg
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ DEFAULT_STATS_NAME = "stats.json"
 _BLOCK_BYTES = 16 * 2**20
 
 
-class MissingStatsError(FileNotFoundError, ValueError):
+class MissingStatsError(MissingFileError):
     """No statistics file for a set of shards; the message gives the command that makes one."""
 
 
@@ -193,13 +195,13 @@ def _selection(infos: Sequence[ShardInfo], max_samples: int | None, seed: int) -
     if max_samples is None or max_samples >= total:
         return [np.arange(n) for n in counts]
     if max_samples < 1:
-        raise ValueError(f"--max-samples must be >= 1, got {max_samples}")
+        raise UserError(f"--max-samples must be >= 1, got {max_samples}")
     chosen = np.sort(np.random.default_rng(seed).choice(total, size=max_samples, replace=False))
     starts = np.cumsum([0] + counts)
     return [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(starts[:-1], starts[1:])]
 
 
-def _blocks(indices: np.ndarray, block: int):
+def _blocks(indices: np.ndarray, block: int) -> Iterator[np.ndarray]:
     """Consecutive runs of at most ``block`` indices (contiguous runs read as one slice)."""
     for start in range(0, len(indices), block):
         chunk = indices[start:start + block]
@@ -238,12 +240,12 @@ def write_stats(shard_paths: Sequence[str | Path], output: str | Path | None = N
     """
     paths = [Path(p) for p in shard_paths]
     if not paths:
-        raise ValueError("no shards given; pass shard files or a glob such as 'data/rgb/*.h5'")
+        raise UserError("no shards given; pass shard files or a glob such as 'data/rgb/*.h5'")
     infos = [read_shard_info(p, check_data=False) for p in paths]
     sensor_sets = {tuple(info.sensors) for info in infos}
     if len(sensor_sets) > 1:
         detail = "; ".join(f"{p}: {list(i.sensors)}" for p, i in zip(paths, infos))
-        raise ValueError(f"the shards hold different sensors ({detail}); compute statistics per data group")
+        raise UserError(f"the shards hold different sensors ({detail}); compute statistics per data group")
     first = infos[0]
     accumulators = {name: _SensorAccumulator(s.channels) for name, s in first.sensors.items()}
     selection = _selection(infos, max_samples, seed)
@@ -302,18 +304,18 @@ def load_stats(path: str | Path, *, hint: str | None = None) -> Stats:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable stats JSON ({err}); run `msgfm stats` again") from None
+        raise UserError(f"{path}: not a readable stats JSON ({err}); run `msgfm stats` again") from None
     if doc.get("msgfm_stats_version") != STATS_VERSION:
-        raise ValueError(f"{path}: stats version {doc.get('msgfm_stats_version')!r}, this msgfm reads "
-                         f"{STATS_VERSION}; run `msgfm stats` again")
+        raise UserError(f"{path}: stats version {doc.get('msgfm_stats_version')!r}, this msgfm reads "
+                        f"{STATS_VERSION}; run `msgfm stats` again")
     sensors = {}
     for name, s in doc["sensors"].items():
         mean, std = np.asarray(s["mean"], np.float64), np.asarray(s["std"], np.float64)
         if mean.shape != std.shape or mean.shape != (len(s["bands"]),):
-            raise ValueError(f"{path}: sensor '{name}' needs one mean and one std per band {s['bands']}")
+            raise UserError(f"{path}: sensor '{name}' needs one mean and one std per band {s['bands']}")
         if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
-            raise ValueError(f"{path}: sensor '{name}' has non-finite means or non-positive stds; "
-                             f"run `msgfm stats` again")
+            raise UserError(f"{path}: sensor '{name}' has non-finite means or non-positive stds; "
+                            f"run `msgfm stats` again")
         sensors[name] = SensorStats(name=name, bands=tuple(s["bands"]), mean=tuple(mean.tolist()),
                                     std=tuple(std.tolist()), valid_pixels=tuple(s.get("valid_pixels", ())))
     files = tuple(SourceFile(**f) for f in doc.get("files", []))
@@ -330,7 +332,7 @@ def expand_shard_args(patterns: Sequence[str]) -> list[Path]:
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         if not matches:
-            raise FileNotFoundError(f"no shard matches '{pattern}'")
+            raise MissingFileError(f"no shard matches '{pattern}'")
         paths.update(dict.fromkeys(Path(m) for m in matches))
     return list(paths)
 

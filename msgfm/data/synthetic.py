@@ -12,8 +12,8 @@ written by the scripts in tests/fixtures/.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -106,7 +106,7 @@ class SensorNormalizer:
 
     @classmethod
     def from_stats(cls, mean: Sequence[float], std: Sequence[float], *, scale: float = 1.0,
-                   offset: float = 0.0, nodata: float | None = None) -> "SensorNormalizer":
+                   offset: float = 0.0, nodata: float | None = None) -> SensorNormalizer:
         mean64 = np.asarray(mean, dtype=np.float64)
         std64 = np.asarray(std, dtype=np.float64)
         assert mean64.shape == std64.shape and (std64 > 0).all(), "stats are validated by load_stats"

@@ -26,10 +26,12 @@ import argparse
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from msgfm.doctor.report import FAIL, Check, failures, format_table, skipped, write_json
+from msgfm.errors import UserError
 
 __all__ = ["Check", "add_parser", "diagnose", "main", "run"]
 
@@ -72,8 +74,8 @@ def diagnose(config: str, overrides: Sequence[str] = (), data_root: Path | None 
     cfg = load_config(config, list(overrides))
     if data_root is not None and not Path(data_root).is_dir():
         globs = ", ".join(g for group in cfg.data.groups for g in group.shards)
-        raise ValueError(f"--data-root {data_root} is not a folder; pass the folder that holds the shards of "
-                         f"config {cfg.name} ({globs}), e.g. one made by `msgfm prepare-sample DIR`")
+        raise UserError(f"--data-root {data_root} is not a folder; pass the folder that holds the shards of "
+                        f"config {cfg.name} ({globs}), e.g. one made by `msgfm prepare-sample DIR`")
     ds_config = None
     if ds_config_path is not None:
         from msgfm.train.ds_config import load_ds_config

@@ -7,7 +7,7 @@ Legend: B batch, H/W feature map, ws window, shift, heads, D head dim.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+from msgfm.errors import UserError
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 NO_CUDA = "skipped: no CUDA device"
@@ -30,7 +33,7 @@ class Check:
 
     def __post_init__(self) -> None:
         if self.status not in (OK, WARN, FAIL, SKIP):
-            raise ValueError(f"check {self.name}: status must be one of ok, warn, FAIL, skip, got {self.status!r}")
+            raise UserError(f"check {self.name}: status must be one of ok, warn, FAIL, skip, got {self.status!r}")
 
 
 def skipped(name: str, reason: str = NO_CUDA, todo: str = "") -> Check:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -202,7 +203,8 @@ def deepspeed_checks() -> list[Check]:
     if version is None:
         return rows
     if not torch.cuda.is_available():
-        rows.append(skipped("DeepSpeed FusedAdam", "skipped: no CUDA device (FusedAdam is for GPUs; torch AdamW runs on CPU)"))
+        rows.append(skipped("DeepSpeed FusedAdam",
+                            "skipped: no CUDA device (FusedAdam is for GPUs; torch AdamW runs on CPU)"))
         return rows
     rows.append(fused_adam_check())
     return rows

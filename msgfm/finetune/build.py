@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -19,8 +20,15 @@ from msgfm.config import FinetuneConfig, ModelConfig, from_dict
 from msgfm.data.stats import Stats
 from msgfm.errors import MissingFileError, UserError
 from msgfm.finetune.options import freeze
-from msgfm.finetune.transfer import (ENCODER_PREFIX, TransferError, TransferReport, adapt_encoder_state, embedding_sensor,
-                                     sensor_embeddings, stack_embeddings)
+from msgfm.finetune.transfer import (
+    ENCODER_PREFIX,
+    TransferError,
+    TransferReport,
+    adapt_encoder_state,
+    embedding_sensor,
+    sensor_embeddings,
+    stack_embeddings,
+)
 from msgfm.models import MsGFMBackbone, backbone_state, timm_to_backbone
 from msgfm.sensors import get_sensor
 from msgfm.tasks.downstream import TASK_CLASSES, DownstreamTask, backbone_embeddings, stacked_name
@@ -118,7 +126,7 @@ def load_pretrained(task: DownstreamTask, state: Mapping[str, torch.Tensor]) -> 
 
 
 def timm_backbone_state(cfg: FinetuneConfig, weights: str | Path) -> dict[str, torch.Tensor]:
-    """timm Swin weights as a backbone-layout state dict for the task sensor ``transfer.timm_sensor``."""
+    """Timm Swin weights as a backbone-layout state dict for the task sensor ``transfer.timm_sensor``."""
     sensor = cfg.transfer.timm_sensor or cfg.task.sensors[0]
     if sensor not in cfg.task.sensors:
         raise UserError(f"transfer.timm_sensor '{sensor}' is not one of the task's sensors {cfg.task.sensors}")

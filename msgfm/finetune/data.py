@@ -14,9 +14,10 @@ Legend: C channels, H x W pixels, K classes.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 import warnings
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -24,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from msgfm.config import FinetuneConfig, TaskConfig
 from msgfm.data.dataset import ShardHandles, normalizer_for
 from msgfm.data.format import LABELS_GROUP, ShardInfo, read_shard_info
 from msgfm.data.stats import Stats, expand_shard_args, load_stats
-from msgfm.config import FinetuneConfig, TaskConfig
 from msgfm.errors import UserError
 from msgfm.sensors import get_sensor
 
@@ -40,7 +41,7 @@ class TaskDataset(Dataset):
                  ids: Sequence[str] | None = None) -> None:
         infos = [read_shard_info(p, check_data=False) for p in shards]
         if not infos:
-            raise ValueError("no shards for this split")
+            raise UserError("no shards for this split")
         self.task, self.train = task, train
         self.hflip, self.vflip, self.crop, self.resize = hflip and train, vflip and train, crop if train else 0, resize
         self.target_sensor_input = task.kind == "restoration" and not task.target_label
@@ -58,7 +59,7 @@ class TaskDataset(Dataset):
             position = {sid: i for i, sid in enumerate(self.all_ids)}
             missing = [sid for sid in ids if sid not in position]
             if missing:
-                raise ValueError(f"{len(missing)} requested ids are not in the shards, e.g. {missing[:3]}")
+                raise UserError(f"{len(missing)} requested ids are not in the shards, e.g. {missing[:3]}")
             index = [index[position[sid]] for sid in ids]
         self.index = index
         self._handles = ShardHandles(self.paths)
@@ -90,12 +91,13 @@ class TaskDataset(Dataset):
         images, target = self._augment(images, target, random.Random(seed) if seed is not None else random)
         return {"images": images, "target": target, "id": sample_id}
 
-    def _augment(self, images: dict[str, torch.Tensor], target: torch.Tensor, rng: Any):
+    def _augment(self, images: dict[str, torch.Tensor], target: torch.Tensor, rng: Any,
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         dense = self.task.kind != "multilabel"
         if self.crop:
             H, W = next(iter(images.values())).shape[-2:]
             if self.crop > min(H, W):
-                raise ValueError(f"data.train_crop {self.crop} exceeds the {H}x{W} samples")
+                raise UserError(f"data.train_crop {self.crop} exceeds the {H}x{W} samples")
             top, left = rng.randint(0, H - self.crop), rng.randint(0, W - self.crop)
             images = {s: x[..., top:top + self.crop, left:left + self.crop] for s, x in images.items()}
             target = target[..., top:top + self.crop, left:left + self.crop] if dense else target
@@ -119,22 +121,22 @@ def _read_ids(info: ShardInfo) -> list[str]:
 def _check_shard(info: ShardInfo, task: TaskConfig) -> None:
     missing = [s for s in task.sensors if s not in info.sensors]
     if missing:
-        raise ValueError(f"{info.path}: task.sensors {missing} are not in this shard (it holds "
-                         f"{list(info.sensors)}); convert with the task's sensors or change task.sensors")
+        raise UserError(f"{info.path}: task.sensors {missing} are not in this shard (it holds "
+                        f"{list(info.sensors)}); convert with the task's sensors or change task.sensors")
     label = {"multilabel": task.label_name, "segmentation": task.label_name}.get(task.kind, task.target_label)
     if label and label not in info.labels:
-        raise ValueError(f"{info.path}: no labels/{label} (it has {sorted(info.labels)}); the task "
-                         f"'{task.name}' needs it")
+        raise UserError(f"{info.path}: no labels/{label} (it has {sorted(info.labels)}); the task "
+                        f"'{task.name}' needs it")
     if task.kind == "multilabel" and info.labels[label].shape[1:] != (task.num_classes,):
-        raise ValueError(f"{info.path}: labels/{label} has {info.labels[label].shape[1:]} classes, task.num_classes "
-                         f"is {task.num_classes}")
+        raise UserError(f"{info.path}: labels/{label} has {info.labels[label].shape[1:]} classes, task.num_classes "
+                        f"is {task.num_classes}")
     if task.kind == "restoration" and not task.target_label and task.target_sensor not in info.sensors:
-        raise ValueError(f"{info.path}: target sensor '{task.target_sensor}' is not in this shard")
+        raise UserError(f"{info.path}: target sensor '{task.target_sensor}' is not in this shard")
     if task.kind == "restoration" and task.target_label:
         channels = get_sensor(task.target_sensor).num_channels
         if info.labels[label].shape[1:2] != (channels,):
-            raise ValueError(f"{info.path}: labels/{label} has shape {info.labels[label].shape[1:]}, the target "
-                             f"sensor '{task.target_sensor}' has {channels} bands")
+            raise UserError(f"{info.path}: labels/{label} has shape {info.labels[label].shape[1:]}, the target "
+                            f"sensor '{task.target_sensor}' has {channels} bands")
 
 
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -12,8 +12,9 @@ Legend: C channels, H x W pixels, K classes.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ def _overlay(rgb_HW3: np.ndarray, classes_HW: np.ndarray, ignore_index: int) -> 
     return blend
 
 
-def _figure(rows: int, cols: int):
+def _figure(rows: int, cols: int) -> tuple[Any, Any]:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(3 * cols, 3 * rows), dpi=100)

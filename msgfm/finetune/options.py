@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
-import torch
 from torch import nn
+
+from msgfm.errors import UserError
 
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.blocks\.(\d+)\.")
 _DOWNSAMPLE = re.compile(r"(?:^|\.)layers\.(\d+)\.downsample\.")
@@ -49,7 +50,7 @@ def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float, d
     moved into groups of their own, as DeepSpeed's ZeRO needs (see msgfm/train/optim.py).
     """
     if not 0 < layer_decay <= 1:
-        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+        raise UserError(f"layer_decay must be in (0, 1], got {layer_decay}")
     skip = set(no_weight_decay)
     top = sum(depths) + 1
     groups: dict[tuple[int, bool], dict] = {}
@@ -87,20 +88,20 @@ def select_train_fraction(ids: Sequence[str], fraction: float, seed: int, path: 
     ids in the order given, so it depends only on the dataset and the seed.
     """
     if not 0 < fraction <= 1:
-        raise ValueError(f"train fraction must be in (0, 1], got {fraction}")
+        raise UserError(f"train fraction must be in (0, 1], got {fraction}")
     if not ids:
-        raise ValueError("select_train_fraction: the training set is empty")
+        raise UserError("select_train_fraction: the training set is empty")
     path = Path(path)
     header = f"# msgfm train subset: fraction={fraction} seed={seed} of {len(ids)} ids"
     if path.exists():
         lines = path.read_text(encoding="utf-8").splitlines()
         if not lines or lines[0] != header:
-            raise ValueError(f"{path} was drawn with other settings ('{lines[0] if lines else ''}', now "
-                             f"'{header}'); delete it or use another output folder")
+            raise UserError(f"{path} was drawn with other settings ('{lines[0] if lines else ''}', now "
+                            f"'{header}'); delete it or use another output folder")
         chosen = lines[1:]
         unknown = sorted(set(chosen) - set(ids))
         if unknown:
-            raise ValueError(f"{path} lists ids not in the training set, e.g. {unknown[:3]}; delete the file")
+            raise UserError(f"{path} lists ids not in the training set, e.g. {unknown[:3]}; delete the file")
         return chosen
     count = max(1, int(math.floor(fraction * len(ids) + 0.5)))
     order = np.random.default_rng(seed).permutation(len(ids))[:count]

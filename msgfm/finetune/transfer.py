@@ -32,11 +32,13 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from msgfm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ _SENSOR_EMBED = re.compile(r"^(?:.*\.)?(?:embeddings|embeds|patch_embeds)\.(?P<s
 BIAS_TABLE = "relative_position_bias_table"
 
 
-class TransferError(ValueError):
+class TransferError(UserError):
     """A checkpoint that cannot initialise the requested fine-tuning model; the message says why."""
 
 

@@ -2,8 +2,13 @@
 
 Objectives around it (pretraining, downstream tasks) live in :mod:`msgfm.tasks`.
 """
-from msgfm.models.adapter import (backbone_state, backbone_to_timm, export_timm_state_dict, load_timm_state_dict,
-                                  timm_to_backbone)
+from msgfm.models.adapter import (
+                                  backbone_state,
+                                  backbone_to_timm,
+                                  export_timm_state_dict,
+                                  load_timm_state_dict,
+                                  timm_to_backbone,
+)
 from msgfm.models.backbone import MsGFMBackbone
 from msgfm.models.embed import PatchEmbed
 from msgfm.models.moe import MoEMlp, init_expert_groups, moe_modules, reinit_experts

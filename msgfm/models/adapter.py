@@ -16,7 +16,7 @@ Fine-tuning reads pretrained weights in the backbone layout (msgfm/finetune/tran
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -42,7 +42,7 @@ def backbone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def timm_to_backbone(timm_state: Mapping[str, torch.Tensor], sensor: str) -> dict[str, torch.Tensor]:
-    """timm SwinTransformer names -> backbone names for ``sensor``'s embedding (classifier and derived
+    """Timm SwinTransformer names -> backbone names for ``sensor``'s embedding (classifier and derived
     buffers dropped)."""
     out = {}
     for key, value in timm_state.items():

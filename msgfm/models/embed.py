@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from msgfm.errors import UserError
+
 
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> D channels, then a norm; NCHW image in, NHWC tokens out.
@@ -20,8 +22,8 @@ class PatchEmbed(nn.Module):
                  norm_layer: type[nn.Module] | None = nn.LayerNorm) -> None:
         super().__init__()
         if in_chans < 1 or embed_dim < 1 or patch_size < 1:
-            raise ValueError(f"PatchEmbed needs positive sizes, got in_chans={in_chans}, "
-                             f"embed_dim={embed_dim}, patch_size={patch_size}")
+            raise UserError(f"PatchEmbed needs positive sizes, got in_chans={in_chans}, "
+                            f"embed_dim={embed_dim}, patch_size={patch_size}")
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.patch_size = patch_size
@@ -31,8 +33,8 @@ class PatchEmbed(nn.Module):
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, H/p, W/p, D]."""
         if x_BCHW.ndim != 4 or x_BCHW.shape[1] != self.in_chans:
-            raise ValueError(f"PatchEmbed expects [B, {self.in_chans}, H, W], got {list(x_BCHW.shape)}")
+            raise UserError(f"PatchEmbed expects [B, {self.in_chans}, H, W], got {list(x_BCHW.shape)}")
         H, W = x_BCHW.shape[-2:]
         if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
+            raise UserError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
         return self.norm(self.proj(x_BCHW).permute(0, 2, 3, 1))

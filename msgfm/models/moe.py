@@ -24,6 +24,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from msgfm.config import MoEConfig
+from msgfm.errors import UserError
 
 
 class MoEMlp(nn.Module):
@@ -112,9 +113,9 @@ def init_expert_groups(model: nn.Module) -> int:
     done = 0
     for layer in layers:
         if world % layer.ep_size:
-            raise ValueError(f"model.moe.expert_parallel_size={layer.ep_size} does not divide the world size {world}; "
-                             f"launch a multiple of {layer.ep_size} ranks or override "
-                             f"model.moe.expert_parallel_size")
+            raise UserError(f"model.moe.expert_parallel_size={layer.ep_size} does not divide the world size {world}; "
+                            f"launch a multiple of {layer.ep_size} ranks or override "
+                            f"model.moe.expert_parallel_size")
         if layer.deepspeed_moe.ep_group is None:
             layer.set_deepspeed_parallelism()
             done += 1
@@ -133,7 +134,7 @@ def reinit_experts(model: nn.Module, seed: int, ep_rank: int = 0, std: float = 0
     for layer_idx, layer in enumerate(m for m in model.modules() if isinstance(m, MoE)):
         local = layer.num_local_experts
         if not 0 <= ep_rank < layer.ep_size:
-            raise ValueError(f"ep_rank {ep_rank} outside [0, {layer.ep_size})")
+            raise UserError(f"ep_rank {ep_rank} outside [0, {layer.ep_size})")
         for j, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
             gen = torch.Generator().manual_seed(hash((seed, layer_idx, ep_rank * local + j)) & (2**63 - 1))
             for module in expert.modules():

@@ -23,9 +23,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from msgfm.config import NUM_PATCH_MERGES, KernelsConfig, ModelConfig, MoEConfig
+from msgfm.errors import UserError
 from msgfm.models.moe import MoEMlp, moe_modules
-from msgfm.ops import resolve_attention_impl, resolve_window_process_impl, window_attention, window_merge, \
-    window_partition
+from msgfm.ops import (
+    resolve_attention_impl,
+    resolve_window_process_impl,
+    window_attention,
+    window_merge,
+    window_partition,
+)
 from msgfm.ops.norm import layer_norm_class
 from msgfm.ops.window_geometry import relative_position_index, shift_attention_mask
 
@@ -140,8 +146,8 @@ class SwinEncoder(nn.Module):
     def __init__(self, model_cfg: ModelConfig, kernels: KernelsConfig) -> None:
         super().__init__()
         if model_cfg.attn_drop_rate > 0:
-            raise ValueError("model.attn_drop_rate: msgfm.ops.window_attention has no attention dropout; "
-                             "set it to 0 (the paper uses none)")
+            raise UserError("model.attn_drop_rate: msgfm.ops.window_attention has no attention dropout; "
+                            "set it to 0 (the paper uses none)")
         self.kernels = kernels
         self.embed_dim = model_cfg.embed_dim
         self.num_features = model_cfg.num_features
@@ -173,22 +179,22 @@ class SwinEncoder(nn.Module):
         """Raise a ValueError unless a token grid of height x width fits the merges and the windows."""
         merges = 2**NUM_PATCH_MERGES
         if height % merges or width % merges:
-            raise ValueError(f"image {height * self.patch_size}x{width * self.patch_size} is not a multiple of "
-                             f"the encoder stride {self.patch_size * merges} (patch {self.patch_size} x "
-                             f"{merges}); model.img_size is {self.img_size}")
+            raise UserError(f"image {height * self.patch_size}x{width * self.patch_size} is not a multiple of "
+                            f"the encoder stride {self.patch_size * merges} (patch {self.patch_size} x "
+                            f"{merges}); model.img_size is {self.img_size}")
         for i, stage in enumerate(self.layers):
             h, w = height // 2**i, width // 2**i
             ws = stage.blocks[0].window_size
             if h % ws or w % ws:
-                raise ValueError(f"image {height * self.patch_size}x{width * self.patch_size}: stage {i}'s "
-                                 f"{h}x{w} token grid is not a multiple of its window {ws}; use "
-                                 f"model.img_size ({self.img_size}) or a size whose stage grids the windows divide")
+                raise UserError(f"image {height * self.patch_size}x{width * self.patch_size}: stage {i}'s "
+                                f"{h}x{w} token grid is not a multiple of its window {ws}; use "
+                                f"model.img_size ({self.img_size}) or a size whose stage grids the windows divide")
 
     def forward_stages(self, x_BHWC: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(final normalized features [B, H/32, W/32, 8D], each stage's raw NHWC output, 4 tensors)."""
         if x_BHWC.ndim != 4 or x_BHWC.shape[-1] != self.embed_dim:
-            raise ValueError(f"SwinEncoder expects patch embeddings [B, H, W, {self.embed_dim}], "
-                             f"got {list(x_BHWC.shape)}")
+            raise UserError(f"SwinEncoder expects patch embeddings [B, H, W, {self.embed_dim}], "
+                            f"got {list(x_BHWC.shape)}")
         self.check_grid(x_BHWC.shape[1], x_BHWC.shape[2])
         attn_impl = resolve_attention_impl(self.kernels.attention, x_BHWC.device)
         window_impl = resolve_window_process_impl(self.kernels.window_process, x_BHWC.device)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from msgfm.config import RunConfig
+from msgfm.errors import UserError
 from msgfm.ops.testing import make_attention_case
 from msgfm.ops.window_attention import window_attention
 from msgfm.ops.window_process import window_merge, window_partition
@@ -43,11 +44,11 @@ class ProfileShape:
 
     def __post_init__(self) -> None:
         if self.height % self.window_size or self.width % self.window_size:
-            raise ValueError(f"shape {self.name}: window {self.window_size} must divide {self.height}x{self.width}")
+            raise UserError(f"shape {self.name}: window {self.window_size} must divide {self.height}x{self.width}")
         if self.channels % self.num_heads:
-            raise ValueError(f"shape {self.name}: {self.channels} channels not divisible by {self.num_heads} heads")
+            raise UserError(f"shape {self.name}: {self.channels} channels not divisible by {self.num_heads} heads")
         if not 0 <= self.shift_size < self.window_size:
-            raise ValueError(f"shape {self.name}: shift {self.shift_size} must be in [0, {self.window_size})")
+            raise UserError(f"shape {self.name}: shift {self.shift_size} must be in [0, {self.window_size})")
 
     @property
     def num_windows(self) -> int:
@@ -79,8 +80,8 @@ def parse_shape(text: str) -> ProfileShape:
     except ValueError:
         values = []
     if len(values) not in (6, 7):
-        raise ValueError(f"--shape '{text}': expected B,H,W,C,heads,window[,shift] (integers), "
-                         f"e.g. 128,48,48,128,4,6,3")
+        raise UserError(f"--shape '{text}': expected B,H,W,C,heads,window[,shift] (integers), "
+                        f"e.g. 128,48,48,128,4,6,3")
     batch, height, width, channels, heads, window = values[:6]
     return ProfileShape("custom", batch, height, width, channels, heads, window, values[6] if len(values) == 7 else 0)
 
@@ -289,7 +290,7 @@ def profile_kernels(shapes: list[ProfileShape], dtype: torch.dtype, out_dir: Pat
         raise NoCudaDeviceError("profile_kernels times CUDA kernels, and no CUDA device is visible "
                                 "(torch.cuda.is_available() is False): nothing was measured")
     if iters < MIN_ITERS:
-        raise ValueError(f"--iters {iters}: use at least {MIN_ITERS} timed iterations for a stable median")
+        raise UserError(f"--iters {iters}: use at least {MIN_ITERS} timed iterations for a stable median")
     from msgfm.ops import fused
 
     fused_ok, fused_reason = fused.available()

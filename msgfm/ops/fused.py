@@ -145,7 +145,7 @@ class WindowAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out_BNC: torch.Tensor):
+    def backward(ctx: FunctionCtx, grad_out_BNC: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         qkv_BN3C, out_BNC, lse_BHN, table_TH, rel_index_NN, mask_WNN = ctx.saved_tensors
         grad_qkv_BN3C, grad_bias_HNN = load_extension().window_attention_backward(
             grad_out_BNC.contiguous(), qkv_BN3C, out_BNC, lse_BHN, table_TH, rel_index_NN, mask_WNN,
@@ -166,7 +166,7 @@ class WindowPartitionFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_BNC: torch.Tensor):
+    def backward(ctx: FunctionCtx, grad_BNC: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         window_size, shift_size, H, W = ctx.geometry
         return load_extension().window_merge(grad_BNC.contiguous(), window_size, shift_size, H, W), None, None
 
@@ -182,7 +182,7 @@ class WindowMergeFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_BHWC: torch.Tensor):
+    def backward(ctx: FunctionCtx, grad_BHWC: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         window_size, shift_size = ctx.geometry
         return load_extension().window_partition(grad_BHWC.contiguous(), window_size, shift_size), None, None, \
             None, None

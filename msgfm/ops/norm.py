@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from msgfm.errors import UserError
 from msgfm.ops.apex_support import APEX_INSTALL_HINT, apex_fused_layer_norm
 
 __all__ = ["apex_fused_layer_norm", "layer_norm_class"]
@@ -22,4 +23,4 @@ def layer_norm_class(kind: str) -> type[nn.Module]:
             raise RuntimeError(f"kernels.layernorm=apex: {reason}. Either {APEX_INSTALL_HINT}, "
                                f"or set kernels.layernorm=torch")
         return cls
-    raise ValueError(f"kernels.layernorm must be 'torch' or 'apex', got '{kind}'")
+    raise UserError(f"kernels.layernorm must be 'torch' or 'apex', got '{kind}'")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from msgfm.errors import UserError
 from msgfm.ops.window_attention import window_attention
 from msgfm.ops.window_geometry import relative_position_index, shift_attention_mask
 
@@ -33,7 +34,7 @@ class AttentionCase:
     scale: float
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-           table_dtype: torch.dtype | None = None) -> "AttentionCase":
+           table_dtype: torch.dtype | None = None) -> AttentionCase:
         """A detached copy with qkv in ``dtype`` and the table in ``table_dtype`` (default: ``dtype``)."""
         dtype = dtype or self.qkv_BN3C.dtype
         move = dict(device=device) if device is not None else {}
@@ -52,7 +53,7 @@ def make_attention_case(*, batch: int, height: int, width: int, window_size: int
     ``shift_size`` > 0. With a seed the values are drawn on the CPU in fp32 (the same values on
     every device); without one they are drawn on ``device`` directly (fast for profiling shapes)."""
     if height % window_size or width % window_size:
-        raise ValueError(f"window {window_size} must divide the {height}x{width} feature map")
+        raise UserError(f"window {window_size} must divide the {height}x{width} feature map")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     draw_on = "cpu" if seed is not None else device
     num_windows = (height // window_size) * (width // window_size)
@@ -87,6 +88,6 @@ def attention_reference_float64(case: AttentionCase, grad_out_BNC: torch.Tensor 
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (in float64): one number per tensor, scale-free."""
+    """Max |actual - expected| / max |expected| (in float64): one number per tensor, scale-free."""
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()

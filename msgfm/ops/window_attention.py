@@ -23,6 +23,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from msgfm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ATTENTION_IMPLS = ("auto", "fused", "sdpa", "eager")
@@ -41,7 +43,8 @@ def _split_heads(qkv_BN3C: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, 
     return qkv.unbind(0)  # each [B_, H, N, D]
 
 
-def attention_eager(qkv_BN3C, bias_table_TH, rel_index_NN, mask_WNN, num_heads: int, scale: float):
+def attention_eager(qkv_BN3C: torch.Tensor, bias_table_TH: torch.Tensor, rel_index_NN: torch.Tensor,
+                    mask_WNN: torch.Tensor | None, num_heads: int, scale: float) -> torch.Tensor:
     B_, N, C3 = qkv_BN3C.shape
     q, k, v = _split_heads(qkv_BN3C, num_heads)
     attn = (q * scale) @ k.transpose(-2, -1)  # [B_, H, N, N]
@@ -54,7 +57,8 @@ def attention_eager(qkv_BN3C, bias_table_TH, rel_index_NN, mask_WNN, num_heads: 
     return (attn @ v).transpose(1, 2).reshape(B_, N, C3 // 3)
 
 
-def attention_sdpa(qkv_BN3C, bias_table_TH, rel_index_NN, mask_WNN, num_heads: int, scale: float):
+def attention_sdpa(qkv_BN3C: torch.Tensor, bias_table_TH: torch.Tensor, rel_index_NN: torch.Tensor,
+                   mask_WNN: torch.Tensor | None, num_heads: int, scale: float) -> torch.Tensor:
     B_, N, C3 = qkv_BN3C.shape
     q, k, v = _split_heads(qkv_BN3C, num_heads)
     bias_HNN = relative_position_bias(bias_table_TH, rel_index_NN, N).to(q.dtype)
@@ -114,7 +118,7 @@ def resolve_fused(requested: str, device: torch.device, key: str, fallback: str)
 def resolve_attention_impl(requested: str, device: torch.device) -> str:
     """Turn ``auto`` into a concrete implementation; explicit ``fused`` fails with the reason it cannot run."""
     if requested not in ATTENTION_IMPLS:
-        raise ValueError(f"kernels.attention: '{requested}' is not one of {ATTENTION_IMPLS}")
+        raise UserError(f"kernels.attention: '{requested}' is not one of {ATTENTION_IMPLS}")
     return resolve_fused(requested, device, "kernels.attention", "sdpa")
 
 
@@ -129,4 +133,4 @@ def window_attention(qkv_BN3C: torch.Tensor, bias_table_TH: torch.Tensor, rel_in
         from msgfm.ops import fused
 
         return fused.window_attention(qkv_BN3C, bias_table_TH, rel_index_NN, mask_WNN, num_heads, scale)
-    raise ValueError(f"unknown attention implementation '{impl}' (resolve 'auto' first)")
+    raise UserError(f"unknown attention implementation '{impl}' (resolve 'auto' first)")

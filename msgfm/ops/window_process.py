@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from msgfm.errors import UserError
+
 WINDOW_PROCESS_IMPLS = ("auto", "fused", "torch")
 
 
@@ -14,7 +16,7 @@ def resolve_window_process_impl(requested: str, device: torch.device) -> str:
     """Turn ``auto`` into ``fused`` (CUDA device and extension available) or ``torch``; explicit ``fused``
     fails with the reason it cannot run."""
     if requested not in WINDOW_PROCESS_IMPLS:
-        raise ValueError(f"kernels.window_process: '{requested}' is not one of {WINDOW_PROCESS_IMPLS}")
+        raise UserError(f"kernels.window_process: '{requested}' is not one of {WINDOW_PROCESS_IMPLS}")
     from msgfm.ops.window_attention import resolve_fused
 
     return resolve_fused(requested, device, "kernels.window_process", "torch")

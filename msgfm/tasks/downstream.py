@@ -23,7 +23,8 @@ Legend: B batch, C channels (C_s of sensor s), H x W pixels, K classes.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -242,7 +243,7 @@ def degrade(x_BCHW: Tensor, ratio: int) -> Tensor:
     """Block-average by ``ratio`` and upsample back (bicubic): the low-resolution input of Wald's protocol."""
     H, W = x_BCHW.shape[-2:]
     if H % ratio or W % ratio:
-        raise ValueError(f"images of {H}x{W} are not a multiple of task.resolution_ratio={ratio}")
+        raise UserError(f"images of {H}x{W} are not a multiple of task.resolution_ratio={ratio}")
     low = F.avg_pool2d(x_BCHW.float(), ratio)
     return F.interpolate(low, size=(H, W), mode="bicubic", align_corners=False).to(x_BCHW.dtype)
 
@@ -250,8 +251,8 @@ def degrade(x_BCHW: Tensor, ratio: int) -> Tensor:
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
     """Window offsets covering [0, size): step window x (1 - overlap), the last one flush with the end."""
     if size < window:
-        raise ValueError(f"image side {size} is smaller than the inference window {window}; use task.eval_tile <= "
-                         f"the image size")
+        raise UserError(f"image side {size} is smaller than the inference window {window}; use task.eval_tile <= "
+                        f"the image size")
     step = max(1, int(window * (1 - overlap)))
     starts = list(range(0, size - window + 1, step))
     if starts[-1] != size - window:

@@ -17,12 +17,15 @@ Stage features arrive channels-first: ``features[i]`` is [B, C_i, H_i, W_i].
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from msgfm.errors import UserError
 
 Norm = Literal["bn", "gn"]
 
@@ -34,7 +37,7 @@ def _norm(kind: Norm, channels: int) -> nn.Module:
         # GroupNorm does not depend on the batch: useful at batch 1-2 per device. At least 4 channels per
         # group, so that a 1x1 map (the pyramid pooling's coarsest level) still normalizes over 4 values.
         return nn.GroupNorm(max(1, min(32, channels // 4)), channels)
-    raise ValueError(f"head norm must be 'bn' or 'gn', got '{kind}'")
+    raise UserError(f"head norm must be 'bn' or 'gn', got '{kind}'")
 
 
 class ConvNormAct(nn.Sequential):
@@ -87,7 +90,7 @@ class UPerNetHead(nn.Module):
                  pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1, norm: Norm = "bn") -> None:
         super().__init__()
         if len(in_channels) < 2:
-            raise ValueError(f"UPerNet needs at least two stages of features, got in_channels={list(in_channels)}")
+            raise UserError(f"UPerNet needs at least two stages of features, got in_channels={list(in_channels)}")
         self.ppm = PyramidPooling(in_channels[-1], channels, pool_scales, norm)
         self.lateral = nn.ModuleList(ConvNormAct(c, channels, 1, norm) for c in in_channels[:-1])
         self.fpn_out = nn.ModuleList(ConvNormAct(channels, channels, 3, norm) for _ in in_channels[:-1])
@@ -97,7 +100,7 @@ class UPerNetHead(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         if len(features) != len(self.lateral) + 1:
-            raise ValueError(f"UPerNet was built for {len(self.lateral) + 1} stages, got {len(features)} feature maps")
+            raise UserError(f"UPerNet was built for {len(self.lateral) + 1} stages, got {len(features)} feature maps")
         # top-down pathway: each level adds the upsampled coarser level
         levels = [lat(f) for lat, f in zip(self.lateral, features[:-1])] + [self.ppm(features[-1])]
         for i in range(len(levels) - 1, 0, -1):
@@ -138,8 +141,8 @@ class RestorationDecoder(nn.Module):
                  widths: Sequence[int] = (256, 128, 64, 32, 32), norm: Norm = "gn") -> None:
         super().__init__()
         if len(widths) != len(in_channels) + 1:
-            raise ValueError(f"widths needs {len(in_channels) + 1} entries (one per stage below the last, plus "
-                             f"the stride-2 and stride-1 levels), got {list(widths)}")
+            raise UserError(f"widths needs {len(in_channels) + 1} entries (one per stage below the last, plus "
+                            f"the stride-2 and stride-1 levels), got {list(widths)}")
         self.bottleneck = ConvNormAct(in_channels[-1], widths[0], 1, norm)
         self.up = nn.ModuleList()
         channels = widths[0]
@@ -156,7 +159,7 @@ class RestorationDecoder(nn.Module):
 
     def forward(self, features: Sequence[Tensor], image_BCHW: Tensor, base_BCHW: Tensor | None = None) -> Tensor:
         if len(features) != len(self.up) + 1:
-            raise ValueError(f"decoder was built for {len(self.up) + 1} stages, got {len(features)} feature maps")
+            raise UserError(f"decoder was built for {len(self.up) + 1} stages, got {len(features)} feature maps")
         x = self.bottleneck(features[-1])
         for block, skip in zip(self.up, reversed(features[:-1])):
             x = block(x, skip)
@@ -167,8 +170,8 @@ class RestorationDecoder(nn.Module):
         if base_BCHW is None:
             return delta
         if base_BCHW.shape != delta.shape:
-            raise ValueError(f"residual base {tuple(base_BCHW.shape)} does not match the decoder output "
-                             f"{tuple(delta.shape)}: give the base image at input size with out_channels bands")
+            raise UserError(f"residual base {tuple(base_BCHW.shape)} does not match the decoder output "
+                            f"{tuple(delta.shape)}: give the base image at input size with out_channels bands")
         return base_BCHW + delta
 
 

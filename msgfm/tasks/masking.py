@@ -16,11 +16,12 @@ independent mask (:meth:`SimMIMMaskGenerator.for_sensors`).
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
 from msgfm.config import MaskingConfig, ModelConfig
+from msgfm.errors import UserError
 
 
 class SimMIMMaskGenerator:
@@ -28,12 +29,12 @@ class SimMIMMaskGenerator:
 
     def __init__(self, img_size: int, mask_patch_size: int, model_patch_size: int, mask_ratio: float) -> None:
         if mask_patch_size % model_patch_size:
-            raise ValueError(f"masking.mask_patch_size {mask_patch_size} is not a multiple of the model patch "
-                             f"size {model_patch_size}")
+            raise UserError(f"masking.mask_patch_size {mask_patch_size} is not a multiple of the model patch "
+                            f"size {model_patch_size}")
         if img_size % mask_patch_size:
-            raise ValueError(f"masking.mask_patch_size {mask_patch_size} does not divide the image size {img_size}")
+            raise UserError(f"masking.mask_patch_size {mask_patch_size} does not divide the image size {img_size}")
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"masking.mask_ratio must be in (0, 1), got {mask_ratio}")
+            raise UserError(f"masking.mask_ratio must be in (0, 1), got {mask_ratio}")
         self.img_size = img_size
         self.mask_patch_size = mask_patch_size
         self.model_patch_size = model_patch_size
@@ -44,7 +45,7 @@ class SimMIMMaskGenerator:
         self.num_masked = int(math.floor(mask_ratio * self.num_mask_patches + 0.5))
 
     @classmethod
-    def from_config(cls, model: ModelConfig, masking: MaskingConfig) -> "SimMIMMaskGenerator":
+    def from_config(cls, model: ModelConfig, masking: MaskingConfig) -> SimMIMMaskGenerator:
         """The generator of a run's ``masking.*`` for its ``model.img_size/patch_size``."""
         return cls(model.img_size, masking.mask_patch_size, model.patch_size, masking.mask_ratio)
 
@@ -62,7 +63,7 @@ class SimMIMMaskGenerator:
         device the mask is drawn on, as torch requires.
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if device is None:
             device = generator.device if generator is not None else torch.device("cpu")
         # Random scores, then the num_masked smallest per row: exactly num_masked patches per sample.

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,6 +50,8 @@ from torchmetrics.functional.image import (
     peak_signal_noise_ratio,
     structural_similarity_index_measure,
 )
+
+from msgfm.errors import UserError
 
 # SSIM window as in scikit-image with gaussian_weights=True: sigma 1.5, truncated at 3.5 sigma -> 11 px.
 SSIM_SIGMA = 1.5
@@ -66,18 +69,18 @@ class MultilabelMeanAP(Metric):
 
     full_state_update = False
 
-    def __init__(self, num_labels: int, **kwargs) -> None:
+    def __init__(self, num_labels: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if num_labels < 1:
-            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+            raise UserError(f"num_labels must be >= 1, got {num_labels}")
         self.num_labels = num_labels
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("targets", default=[], dist_reduce_fx="cat")
 
     def update(self, scores_BK: Tensor, target_BK: Tensor) -> None:
         if scores_BK.shape != target_BK.shape or scores_BK.ndim != 2 or scores_BK.shape[1] != self.num_labels:
-            raise ValueError(f"expected scores and targets of shape [B, {self.num_labels}], got "
-                             f"{tuple(scores_BK.shape)} and {tuple(target_BK.shape)}")
+            raise UserError(f"expected scores and targets of shape [B, {self.num_labels}], got "
+                            f"{tuple(scores_BK.shape)} and {tuple(target_BK.shape)}")
         self.scores.append(scores_BK.detach().float())
         self.targets.append(target_BK.detach().long())
 
@@ -85,7 +88,7 @@ class MultilabelMeanAP(Metric):
         scores = _cat(self.scores)
         targets = _cat(self.targets)
         if scores.numel() == 0:
-            raise ValueError("MultilabelMeanAP.compute() called before any update")
+            raise UserError("MultilabelMeanAP.compute() called before any update")
         has_positive = targets.sum(0) > 0
         with warnings.catch_warnings():
             # torchmetrics warns about the classes without positives; we report them ourselves.
@@ -109,13 +112,13 @@ class SegmentationMetrics(Metric):
     full_state_update = False
 
     def __init__(self, num_classes: int, ignore_index: int | None = None,
-                 exclude_from_mean: tuple[int, ...] = (), **kwargs) -> None:
+                 exclude_from_mean: tuple[int, ...] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+            raise UserError(f"num_classes must be >= 2, got {num_classes}")
         bad = [k for k in exclude_from_mean if not 0 <= k < num_classes]
         if bad:
-            raise ValueError(f"exclude_from_mean {bad} are not classes 0..{num_classes - 1}")
+            raise UserError(f"exclude_from_mean {bad} are not classes 0..{num_classes - 1}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.exclude_from_mean = tuple(exclude_from_mean)
@@ -125,13 +128,13 @@ class SegmentationMetrics(Metric):
         if pred.ndim == target_BHW.ndim + 1:
             pred = pred.argmax(1)
         if pred.shape != target_BHW.shape:
-            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target_BHW.shape)} differ in shape")
+            raise UserError(f"prediction {tuple(pred.shape)} and target {tuple(target_BHW.shape)} differ in shape")
         target = target_BHW.long()
         valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None else target != self.ignore_index
         out_of_range = valid & ((target < 0) | (target >= self.num_classes))
         if out_of_range.any():
-            raise ValueError(f"target holds labels {sorted(target[out_of_range].unique().tolist())} outside "
-                             f"0..{self.num_classes - 1} (ignore_index={self.ignore_index})")
+            raise UserError(f"target holds labels {sorted(target[out_of_range].unique().tolist())} outside "
+                            f"0..{self.num_classes - 1} (ignore_index={self.ignore_index})")
         self.confusion.update(pred.long().flatten(), target.flatten())
 
     def compute(self) -> dict[str, Tensor]:
@@ -164,12 +167,12 @@ class RestorationMetrics(Metric):
     full_state_update = False
     NAMES = ("MAE", "RMSE", "PSNR", "SSIM", "SAM", "ERGAS")
 
-    def __init__(self, data_range: float, ergas_ratio: float | None = None, **kwargs) -> None:
+    def __init__(self, data_range: float, ergas_ratio: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not data_range > 0:
-            raise ValueError(f"data_range must be > 0 (the span of valid pixel values), got {data_range}")
+            raise UserError(f"data_range must be > 0 (the span of valid pixel values), got {data_range}")
         if ergas_ratio is not None and not ergas_ratio > 0:
-            raise ValueError(f"ergas_ratio must be > 0 (low-res GSD / high-res GSD), got {ergas_ratio}")
+            raise UserError(f"ergas_ratio must be > 0 (low-res GSD / high-res GSD), got {ergas_ratio}")
         self.data_range = float(data_range)
         self.ergas_ratio = ergas_ratio
         for name in self.NAMES:
@@ -178,8 +181,8 @@ class RestorationMetrics(Metric):
 
     def update(self, pred_BCHW: Tensor, target_BCHW: Tensor) -> None:
         if pred_BCHW.shape != target_BCHW.shape or pred_BCHW.ndim != 4:
-            raise ValueError(f"expected prediction and target of one shape [B, C, H, W], got "
-                             f"{tuple(pred_BCHW.shape)} and {tuple(target_BCHW.shape)}")
+            raise UserError(f"expected prediction and target of one shape [B, C, H, W], got "
+                            f"{tuple(pred_BCHW.shape)} and {tuple(target_BCHW.shape)}")
         pred, target = pred_BCHW.detach().double(), target_BCHW.detach().double()
         per_image = {
             "MAE": (pred - target).abs().flatten(1).mean(1),
@@ -204,7 +207,7 @@ class RestorationMetrics(Metric):
             if count > 0:
                 out[name] = getattr(self, f"sum_{name}") / count
         if not out:
-            raise ValueError("RestorationMetrics.compute() called before any update")
+            raise UserError("RestorationMetrics.compute() called before any update")
         return out
 
 
@@ -217,8 +220,8 @@ def ssim_per_image(pred_BCHW: Tensor, target_BCHW: Tensor, data_range: float) ->
     """
     pad = (SSIM_KERNEL - 1) // 2
     if min(pred_BCHW.shape[-2:]) < SSIM_KERNEL:
-        raise ValueError(f"SSIM needs images of at least {SSIM_KERNEL}x{SSIM_KERNEL} pixels, got "
-                         f"{tuple(pred_BCHW.shape[-2:])}")
+        raise UserError(f"SSIM needs images of at least {SSIM_KERNEL}x{SSIM_KERNEL} pixels, got "
+                        f"{tuple(pred_BCHW.shape[-2:])}")
     _, ssim_map_BCHW = structural_similarity_index_measure(
         pred_BCHW, target_BCHW, gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_KERNEL,
         data_range=data_range, reduction="none", return_full_image=True)

@@ -7,6 +7,7 @@ whatever the run's split: with expert-parallel size E a rank holds only num_expe
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import torch
 from deepspeed.moe.utils import is_moe_param
@@ -20,7 +21,7 @@ def _global_config(cfg: RunConfig, moe_enabled: bool) -> RunConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
 
 
-def _numel(params) -> int:
+def _numel(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() for p in params)
 
 

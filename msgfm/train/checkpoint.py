@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from msgfm.errors import MissingFileError, UserError
+
 TAG_RE = re.compile(r"^step(\d{8})$")
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -169,9 +171,9 @@ def load(engine: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = json.loads((path / COMPLETE).read_text())
     world = dist.get_world_size()
     if meta["world_size"] != world:
-        raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {world}: "
-                         f"exact resume needs the same world size (data position and RNGs are per rank). "
-                         f"Relaunch with {meta['world_size']} ranks, or start a new --output-dir")
+        raise UserError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {world}: "
+                        f"exact resume needs the same world size (data position and RNGs are per rank). "
+                        f"Relaunch with {meta['world_size']} ranks, or start a new --output-dir")
     load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                      load_lr_scheduler_states=False)
     if load_path is None:
@@ -192,8 +194,8 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
             return candidate
         if candidate.is_dir() and (latest := find_latest(candidate)) is not None:
             return latest
-    raise FileNotFoundError(f"no msgfm/DeepSpeed checkpoint at {path}: expected a folder holding "
-                            f"mp_rank_00_model_states.pt, or a run folder with checkpoints/latest")
+    raise MissingFileError(f"no msgfm/DeepSpeed checkpoint at {path}: expected a folder holding "
+                           f"mp_rank_00_model_states.pt, or a run folder with checkpoints/latest")
 
 
 EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")

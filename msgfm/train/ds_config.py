@@ -23,8 +23,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from msgfm.errors import UserError
 
-class DSConfigError(ValueError):
+
+class DSConfigError(UserError):
     """A ds_config that cannot work with the run config; the message says what to change."""
 
 

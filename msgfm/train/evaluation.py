@@ -7,7 +7,8 @@ fixed list of metric names (a rank may see no cross or self rows in its batches)
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,7 +31,7 @@ class HeldOutLoss:
         pass
 
     @torch.no_grad()
-    def __call__(self, trainer: "Trainer", epoch: int) -> dict[str, float]:
+    def __call__(self, trainer: Trainer, epoch: int) -> dict[str, float]:
         import deepspeed.comm as dist
 
         engine, task, device = trainer.engine, trainer.task, trainer.device

@@ -37,7 +37,8 @@ def figure_cases(out: dict[str, Any], images: dict[str, torch.Tensor]) -> list[d
     return cases
 
 
-def _stretch(x_CHW: np.ndarray, low: np.ndarray | None = None, high: np.ndarray | None = None):
+def _stretch(x_CHW: np.ndarray, low: np.ndarray | None = None, high: np.ndarray | None = None,
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if low is None:
         low = np.percentile(x_CHW, 2, axis=(1, 2), keepdims=True)
         high = np.percentile(x_CHW, 98, axis=(1, 2), keepdims=True)
@@ -45,7 +46,8 @@ def _stretch(x_CHW: np.ndarray, low: np.ndarray | None = None, high: np.ndarray 
     return out, low, high
 
 
-def to_rgb(x_CHW: torch.Tensor, sensor: str, limits=None):
+def to_rgb(x_CHW: torch.Tensor, sensor: str, limits: tuple[np.ndarray, np.ndarray] | None = None,
+           ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """A sensor image as an H x W x 3 picture in [0, 1] (its rgb_bands, 2-98 % stretch)."""
     bands = list(get_sensor(sensor).rgb_bands)
     picked = x_CHW.detach().float().cpu().numpy()[bands]

@@ -1,9 +1,12 @@
-"""What every launcher shares: DeepSpeed's arguments, dotted overrides, one-line user errors."""
+"""What every launcher shares: DeepSpeed's arguments, dotted overrides, ``-v``, one-line user errors."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+
+from msgfm.errors import user_message
 
 
 def parse_launcher_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -11,6 +14,7 @@ def parse_launcher_args(parser: argparse.ArgumentParser, argv: Sequence[str] | N
     import deepspeed
 
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks for user errors too")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -19,10 +23,17 @@ def parse_launcher_args(parser: argparse.ArgumentParser, argv: Sequence[str] | N
     return args
 
 
-def run_reporting_user_errors(name: str, job: Callable[[], int]) -> int:
-    """Run ``job``; a user error (bad config, missing file) ends as one line ``NAME: error: ...`` and exit 2."""
+def run_reporting_user_errors(name: str, job: Callable[[], int], verbose: bool = False) -> int:
+    """Run ``job``; an error the user caused (msgfm.errors.UserError, a path that is missing or not writable)
+    ends as one line ``NAME: error: ...`` and exit 2; anything else keeps its traceback. ``verbose``: debug
+    logging and a traceback for user errors too."""
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
     try:
         return job()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"{name}: error: {err}", file=sys.stderr, flush=True)
+    except Exception as err:
+        message = user_message(err)
+        if message is None or verbose:
+            raise
+        print(f"{name}: error: {message}", file=sys.stderr, flush=True)
         return 2

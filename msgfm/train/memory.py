@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from msgfm.errors import UserError
+
 BYTES = {"fp16": (2, 2, 12), "bf16": (2, 2, 12), "fp32": (4, 4, 8)}  # (param, grad, optimizer) per parameter
 
 
@@ -37,9 +39,9 @@ def estimate_memory(dense: int, expert: int, world_size: int, expert_parallel: i
                     precision: str) -> MemoryEstimate:
     """Bytes per GPU for model states (see the module docstring for the formula)."""
     if precision not in BYTES:
-        raise ValueError(f"precision must be one of {sorted(BYTES)}, got {precision}")
+        raise UserError(f"precision must be one of {sorted(BYTES)}, got {precision}")
     if world_size % expert_parallel:
-        raise ValueError(f"expert_parallel {expert_parallel} does not divide world size {world_size}")
+        raise UserError(f"expert_parallel {expert_parallel} does not divide world size {world_size}")
     b_param, b_grad, b_opt = BYTES[precision]
     local_expert = expert / expert_parallel
     expert_dp = world_size // expert_parallel

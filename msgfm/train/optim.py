@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from msgfm.config import OptimizerConfig
+from msgfm.errors import UserError
 from msgfm.ops.apex_support import apex_fused_adam
 
 log = logging.getLogger(__name__)
@@ -49,16 +50,16 @@ def optimizer_class(cfg: OptimizerConfig, on_gpu: bool) -> tuple[type, dict[str,
     if kind == "torch":
         return torch.optim.AdamW, {}, "torch.optim.AdamW"
     if not on_gpu:
-        raise ValueError(f"optimizer.implementation={cfg.implementation} needs a CUDA device; on CPU "
-                         f"set optimizer.implementation=torch (or auto)")
+        raise UserError(f"optimizer.implementation={cfg.implementation} needs a CUDA device; on CPU "
+                        f"set optimizer.implementation=torch (or auto)")
     if kind == "deepspeed":
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam, {"adam_w_mode": True}, "deepspeed.ops.adam.FusedAdam"
     cls, reason = apex_fused_adam()
     if cls is None:
-        raise ValueError(f"optimizer.implementation=apex: {reason}. Build NVIDIA apex from source "
-                         f"(github.com/NVIDIA/apex) or set optimizer.implementation=auto")
+        raise UserError(f"optimizer.implementation=apex: {reason}. Build NVIDIA apex from source "
+                        f"(github.com/NVIDIA/apex) or set optimizer.implementation=auto")
     return cls, {"adam_w_mode": True}, "apex.optimizers.FusedAdam"
 
 

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 from msgfm.config import ScheduleConfig
+from msgfm.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,10 @@ class LRSchedule:
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch} "
-                             f"(is a data group empty?)")
+            raise UserError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch} "
+                            f"(is a data group empty?)")
         if self.reference_lr <= 0:
-            raise ValueError(f"reference_lr must be > 0, got {self.reference_lr}")
+            raise UserError(f"reference_lr must be > 0, got {self.reference_lr}")
 
     @property
     def total_steps(self) -> int:

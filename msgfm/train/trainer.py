@@ -17,9 +17,10 @@ end and every ``checkpoint_interval`` steps.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -56,7 +57,7 @@ class TrainBatches(Protocol):
 class Evaluator(Protocol):
     """Runs at epoch ends (and at the end of training); its state travels with checkpoints."""
 
-    def __call__(self, trainer: "Trainer", epoch: int) -> dict[str, float]: ...
+    def __call__(self, trainer: Trainer, epoch: int) -> dict[str, float]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from msgfm.config import RunConfig
+from msgfm.errors import UserError
 from msgfm.train import ds_config as dsc
 
 
@@ -19,12 +20,12 @@ def check_parallelism(cfg: RunConfig, world_size: int) -> None:
         return
     ep = moe.expert_parallel_size
     if world_size % ep:
-        raise ValueError(f"model.moe.expert_parallel_size={ep} does not divide the world size {world_size}: launch "
-                         f"a multiple of {ep} ranks, or set model.moe.expert_parallel_size to a divisor of "
-                         f"{world_size} that also divides model.moe.num_experts={moe.num_experts}")
+        raise UserError(f"model.moe.expert_parallel_size={ep} does not divide the world size {world_size}: launch "
+                        f"a multiple of {ep} ranks, or set model.moe.expert_parallel_size to a divisor of "
+                        f"{world_size} that also divides model.moe.num_experts={moe.num_experts}")
     if moe.num_experts % ep:  # also checked by MoEConfig; repeated here for configs built in code
-        raise ValueError(f"model.moe.expert_parallel_size={ep} does not divide model.moe.num_experts="
-                         f"{moe.num_experts}")
+        raise UserError(f"model.moe.expert_parallel_size={ep} does not divide model.moe.num_experts="
+                        f"{moe.num_experts}")
 
 
 def startup_checks(cfg: RunConfig, ds_config: dict[str, Any], ds_name: str, world_size: int, on_gpu: bool,

@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
-from rasterio.warp import reproject, transform as warp_transform
+from rasterio.warp import reproject
+from rasterio.warp import transform as warp_transform
 from tqdm import tqdm
 
 from msgfm.data.convert.bigearthnet_index import BenLayout, BenListing, BenPatch, list_v1, list_v2, resolve_layout
-from msgfm.data.convert.common import (LoadResult, Sample, SkipItem, add_common_args, run_from_args,
-                                       run_splits_from_args)
+from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args, run_splits_from_args
 from msgfm.data.format import SensorArraySpec, multilabel_spec
 from msgfm.data.georef import grid_georef
+from msgfm.errors import UserError
 from msgfm.sensors import get_sensor
 
 # The 19-class BigEarthNet nomenclature (Sumbul et al., "BigEarthNet-MM", IEEE GRSM 2021, Table 1):
@@ -75,7 +76,7 @@ def ben19_vector(clc43_labels: list[str], where: str) -> np.ndarray:
         if label in _CLC43_TO_INDEX:
             vector[_CLC43_TO_INDEX[label]] = 1
         elif label not in CLC43_WITHOUT_BEN19:
-            raise ValueError(f"{where}: '{label}' is not one of the 43 BigEarthNet CLC labels")
+            raise UserError(f"{where}: '{label}' is not one of the 43 BigEarthNet CLC labels")
     return vector
 
 
@@ -188,7 +189,8 @@ def convert(args: argparse.Namespace) -> int:
                                      width=PATCH_SIZE, scale=S2_SCALE)}
     source = (f"BigEarthNet v{layout.version}: S1 {layout.s1}, S2 {layout.s2}"
               + (f", metadata {layout.metadata}" if layout.version == 2 else ""))
-    common: dict[str, Any] = dict(load=functools.partial(load_pair, require_labels=not args.keep_unlabelled), group=args.group,
+    common: dict[str, Any] = dict(load=functools.partial(load_pair, require_labels=not args.keep_unlabelled),
+                                  group=args.group,
                   sensors=sensors, labels=[multilabel_spec(BEN19_CLASSES)], source=source)
     if args.splits:
         run_splits_from_args(args, splits=listing.patches, skipped_in_split=listing.skipped_in_split,

@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from msgfm.errors import MissingFileError, UserError
+
 V1_S1, V1_S2 = "BigEarthNet-S1-v1.0", "BigEarthNet-v1.0"
 V2_S1, V2_S2 = "BigEarthNet-S1", "BigEarthNet-S2"
 V2_METADATA = "metadata.parquet"
@@ -86,8 +88,8 @@ def detect_version(s2_root: Path) -> int:
             return 1
         if any(child.glob("*/*_B02.tif")):
             return 2
-    raise FileNotFoundError(f"{s2_root}: no BigEarthNet S2 patch found (neither <patch>/<patch>_B02.tif of v1 "
-                            f"nor <tile>/<patch>/<patch>_B02.tif of v2)")
+    raise MissingFileError(f"{s2_root}: no BigEarthNet S2 patch found (neither <patch>/<patch>_B02.tif of v1 "
+                           f"nor <tile>/<patch>/<patch>_B02.tif of v2)")
 
 
 def resolve_layout(root: Path | None, s1: Path | None, s2: Path | None, version: str, metadata: Path | None,
@@ -95,19 +97,19 @@ def resolve_layout(root: Path | None, s1: Path | None, s2: Path | None, version:
     """The folders of the release, from ROOT and/or --s1/--s2; FileNotFoundError says what is missing."""
     if root is None:
         if s1 is None or s2 is None:
-            raise ValueError("give the dataset folder (ROOT), or both --s1 and --s2")
+            raise UserError("give the dataset folder (ROOT), or both --s1 and --s2")
         root = s2.parent  # where metadata.parquet or the split lists lie beside the S2 folder
     elif not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder")
+        raise MissingFileError(f"{root} is not a folder")
     if s2 is None:
         s2 = next((root / name for name in (V2_S2, V1_S2) if (root / name).is_dir()), root / V2_S2)
     if not s2.is_dir():
-        raise FileNotFoundError(f"{s2}: no S2 folder ({V2_S2}/ of v2 or {V1_S2}/ of v1); give it with --s2")
+        raise MissingFileError(f"{s2}: no S2 folder ({V2_S2}/ of v2 or {V1_S2}/ of v1); give it with --s2")
     number = detect_version(s2) if version == "auto" else int(version)
     if s1 is None:
         s1 = root / (V2_S1 if number == 2 else V1_S1)
     if not s1.is_dir():
-        raise FileNotFoundError(f"{s1}: no S1 folder; give it with --s1")
+        raise MissingFileError(f"{s1}: no S1 folder; give it with --s1")
     return BenLayout(version=number, s1=s1, s2=s2, metadata=metadata or root / V2_METADATA,
                      lists=split_lists or root)
 
@@ -123,26 +125,26 @@ def _read_parquet(path: Path) -> list[dict]:
     try:
         table = pq.read_table(path)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise ValueError(f"{path}: cannot be read as parquet ({err}); download it again") from None
+        raise UserError(f"{path}: cannot be read as parquet ({err}); download it again") from None
     missing = [c for c in V2_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: columns {missing} are missing (it has {table.column_names}); expected the "
-                         f"BigEarthNet v2 metadata")
+        raise UserError(f"{path}: columns {missing} are missing (it has {table.column_names}); expected the "
+                        f"BigEarthNet v2 metadata")
     return table.to_pylist()
 
 
 def list_v2(layout: BenLayout, *, by_split: bool, keep_cloudy: bool, classes: tuple[str, ...]) -> BenListing:
     """Patches of metadata.parquet (plus the snow/cloud parquet with ``keep_cloudy``) by split."""
     if not layout.metadata.is_file():
-        raise FileNotFoundError(f"{layout.metadata}: no such file; BigEarthNet v2 needs its metadata.parquet "
-                                f"(give it with --metadata)")
+        raise MissingFileError(f"{layout.metadata}: no such file; BigEarthNet v2 needs its metadata.parquet "
+                               f"(give it with --metadata)")
     rows = _read_parquet(layout.metadata)
     snow_cloud = layout.metadata.with_name(V2_SNOW_CLOUD)
     if snow_cloud.is_file():
         rows += [{**row, "_from_snow_cloud_list": True} for row in _read_parquet(snow_cloud)]
     elif keep_cloudy:
-        raise FileNotFoundError(f"--keep-cloudy: {snow_cloud} not found; it comes with metadata.parquet in the "
-                                f"BigEarthNet v2 download")
+        raise MissingFileError(f"--keep-cloudy: {snow_cloud} not found; it comes with metadata.parquet in the "
+                               f"BigEarthNet v2 download")
     listing, seen = BenListing(), set()
     known = set(classes)
     for row in rows:
@@ -152,13 +154,13 @@ def list_v2(layout: BenLayout, *, by_split: bool, keep_cloudy: bool, classes: tu
         seen.add(patch_id)
         split = V2_SPLIT_NAMES.get(split_value)
         if split is None:
-            raise ValueError(f"{layout.metadata}: patch {patch_id} has split '{split_value}'; expected one of "
-                             f"{list(V2_SPLIT_NAMES)}")
+            raise UserError(f"{layout.metadata}: patch {patch_id} has split '{split_value}'; expected one of "
+                            f"{list(V2_SPLIT_NAMES)}")
         labels = tuple(str(label) for label in (row["labels"] or ()))
         unknown = [label for label in labels if label not in known]
         if unknown:
-            raise ValueError(f"{layout.metadata}: patch {patch_id} has labels {unknown} outside the 19-class "
-                             f"nomenclature {list(classes)}")
+            raise UserError(f"{layout.metadata}: patch {patch_id} has labels {unknown} outside the 19-class "
+                            f"nomenclature {list(classes)}")
         key = split if by_split else "all"
         flagged = [reason for flag, reason in (("contains_seasonal_snow", SNOW), ("contains_cloud_or_shadow", CLOUD))
                    if row.get(flag)]
@@ -208,8 +210,8 @@ def list_v1(layout: BenLayout, pairs: list[tuple[Path, Path]], unpaired: list[tu
         files = {split: layout.lists / name for split, name in V1_SPLIT_FILES.items()}
         missing = [str(path) for path in files.values() if not path.is_file()]
         if missing:
-            raise FileNotFoundError(f"--splits: {', '.join(missing)} not found; give the folder of BigEarthNet-MM's "
-                                    f"train.csv, val.csv and test.csv with --split-lists DIR")
+            raise MissingFileError(f"--splits: {', '.join(missing)} not found; give the folder of BigEarthNet-MM's "
+                                   f"train.csv, val.csv and test.csv with --split-lists DIR")
         split_of = {row[0]: split for split, path in files.items() for row in _names(path)}
     listed = set()
     for item, reason in unpaired:

@@ -3,8 +3,9 @@ writes shards, the skip report, tiling windows and the common command-line optio
 
 A converter lists its *items* (a patch folder, an image file, a tile window), gives a
 picklable ``load(item) -> LoadResult`` and the shard layout; :func:`run_conversion`
-does the rest (:func:`run_splits_from_args` once per official split, one folder each): loads items in ``--workers`` processes (in input order, so the output
-is the same for any number of workers), writes shards of ``--samples-per-shard``
+does the rest (:func:`run_splits_from_args` once per official split, one folder each):
+loads items in ``--workers`` processes (in input order, so the output is the same for
+any number of workers), writes shards of ``--samples-per-shard``
 samples through :class:`~msgfm.data.format.ShardWriter` (temporary name, renamed when
 complete, so re-running is safe), and reports what it skipped and why, on screen and
 in ``<prefix>.skipped.json`` beside the shards.
@@ -20,15 +21,17 @@ import multiprocessing
 import os
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from msgfm.data.format import LabelSpec, SensorArraySpec, ShardWriter
 from msgfm.data.georef import Georef
+from msgfm.errors import UserError
 from msgfm.sensors import add_sensors_arg, get_sensor, list_sensors, register_sensor
 
 log = logging.getLogger(__name__)
@@ -109,11 +112,11 @@ def run_conversion(*, items: Sequence[Any], load: Callable[[Any], LoadResult], o
     (e.g. an S2 patch without S1 partner); they go into the same report.
     """
     if samples_per_shard < 1:
-        raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+        raise UserError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     if not items:
         reasons = "; ".join(f"{item}: {reason}" for item, reason in list(skipped_before)[:3])
-        raise ValueError(f"nothing to convert for {description}"
-                         + (f": {len(skipped_before)} inputs left out, e.g. {reasons}" if reasons else ""))
+        raise UserError(f"nothing to convert for {description}"
+                        + (f": {len(skipped_before)} inputs left out, e.g. {reasons}" if reasons else ""))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
@@ -161,7 +164,7 @@ def run_conversion(*, items: Sequence[Any], load: Callable[[Any], LoadResult], o
               "skipped": [{"item": item, "reason": reason} for item, reason in skipped]}
     report_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     if num_samples == 0:  # leave the shards of an earlier run as they are
-        raise ValueError(f"no sample could be converted ({len(skipped)} skipped); see {report_path}")
+        raise UserError(f"no sample could be converted ({len(skipped)} skipped); see {report_path}")
     _remove_stale_shards(output_dir, prefix, keep=len(shards))
     return ConversionReport(shards=shards, num_samples=num_samples, skipped=skipped, report_path=report_path)
 
@@ -196,7 +199,7 @@ def _remove_stale_shards(output_dir: Path, prefix: str, keep: int) -> None:
 def tile_offsets(height: int, width: int, size: int, stride: int) -> list[tuple[int, int]]:
     """Top-left (row, col) of every size x size tile that fits, stepping by ``stride``."""
     if size < 1 or stride < 1:
-        raise ValueError(f"--size and --stride must be >= 1, got {size} and {stride}")
+        raise UserError(f"--size and --stride must be >= 1, got {size} and {stride}")
     rows = range(0, height - size + 1, stride) if height >= size else []
     cols = range(0, width - size + 1, stride) if width >= size else []
     return [(r, c) for r in rows for c in cols]
@@ -267,10 +270,10 @@ def run_splits_from_args(args: argparse.Namespace, *, splits: Mapping[str, Seque
     """
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
-        raise ValueError(f"unknown split(s) {unknown}; splits are {list(SPLITS)}")
+        raise UserError(f"unknown split(s) {unknown}; splits are {list(SPLITS)}")
     if not any(splits.values()):
-        raise ValueError(f"nothing to convert for {description}: no item in any split; "
-                         f"{len(skipped_outside)} left out, e.g. {list(skipped_outside)[:3]}")
+        raise UserError(f"nothing to convert for {description}: no item in any split; "
+                        f"{len(skipped_outside)} left out, e.g. {list(skipped_outside)[:3]}")
     output = Path(args.output)
     reports: dict[str, ConversionReport] = {}
     summary: dict[str, Any] = {}

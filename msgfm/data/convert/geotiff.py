@@ -20,12 +20,26 @@ import rasterio
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 
-from msgfm.data.convert.common import (LoadResult, Sample, add_common_args, invalid_mask, run_from_args,
-                                       storage_dtype, tile_offsets)
-from msgfm.data.convert.raster_bands import (BandSelection, common_gsd_m, nodata_value, nominal_gsd_m,
-                                             parse_band_selection, resolve_bands)
+from msgfm.data.convert.common import (
+    LoadResult,
+    Sample,
+    add_common_args,
+    invalid_mask,
+    run_from_args,
+    storage_dtype,
+    tile_offsets,
+)
+from msgfm.data.convert.raster_bands import (
+    BandSelection,
+    common_gsd_m,
+    nodata_value,
+    nominal_gsd_m,
+    parse_band_selection,
+    resolve_bands,
+)
 from msgfm.data.format import SensorArraySpec
 from msgfm.data.georef import grid_georef
+from msgfm.errors import MissingFileError, UserError
 from msgfm.sensors import get_sensor
 
 SUFFIXES = (".tif", ".tiff")
@@ -69,16 +83,16 @@ def check_tiles(paths: list[Path], sensor: str, bands: BandSelection | None = No
         except rasterio.errors.RasterioIOError:
             continue  # unreadable: skipped and reported during the conversion
     if len(paths) == 1 and mismatches:
-        raise ValueError(mismatches[0])
+        raise UserError(mismatches[0])
     if mismatches:
         more = f" ({len(mismatches) - 1} more file(s) likewise)" if len(mismatches) > 1 else ""
-        raise ValueError(f"{len(mismatches)} of {len(paths)} files do not fit sensor '{sensor}': "
-                         f"{mismatches[0]}{more}")
+        raise UserError(f"{len(mismatches)} of {len(paths)} files do not fit sensor '{sensor}': "
+                        f"{mismatches[0]}{more}")
     if len(kinds) > 1:
         listed = "; ".join(f"{dtype}, nodata {nodata}: e.g. {files[0]}" for (dtype, nodata), files in kinds.items())
-        raise ValueError(f"the files mix dtypes or nodata values ({listed}); convert each kind separately")
+        raise UserError(f"the files mix dtypes or nodata values ({listed}); convert each kind separately")
     if not kinds:
-        raise ValueError(f"none of the {len(paths)} files can be read as GeoTIFF")
+        raise UserError(f"none of the {len(paths)} files can be read as GeoTIFF")
     (dtype, nodata), = kinds
     return TileSource(dtype=dtype, nodata=nodata, gsd_m=common_gsd_m(gsds))
 
@@ -128,12 +142,12 @@ def recorded_gsd_m(args: argparse.Namespace, source: TileSource) -> float | None
 
 def convert(args: argparse.Namespace) -> int:
     if not 0.0 <= args.max_nodata <= 1.0:
-        raise ValueError(f"--max-nodata must be in [0, 1], got {args.max_nodata}")
+        raise UserError(f"--max-nodata must be in [0, 1], got {args.max_nodata}")
     if not args.input.exists():
-        raise FileNotFoundError(f"{args.input}: no such file or folder")
+        raise MissingFileError(f"{args.input}: no such file or folder")
     paths = find_tiles(args.input)
     if not paths:
-        raise FileNotFoundError(f"no .tif/.tiff file under {args.input}")
+        raise MissingFileError(f"no .tif/.tiff file under {args.input}")
     bands = parse_band_selection(args.bands) if args.bands else None
     source = check_tiles(paths, args.sensor, bands)
     dtype = storage_dtype(source.dtype)

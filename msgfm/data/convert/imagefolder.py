@@ -15,6 +15,7 @@ from PIL import Image
 
 from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args
 from msgfm.data.format import SensorArraySpec
+from msgfm.errors import MissingFileError
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 # PIL modes that convert to RGB without losing meaning; 16-bit or float images need the geotiff converter.
@@ -52,10 +53,10 @@ def load_image(path: Path, *, root: Path, size: int) -> LoadResult:
 
 def convert(args: argparse.Namespace) -> int:
     if not args.root.is_dir():
-        raise FileNotFoundError(f"{args.root} is not a folder of images")
+        raise MissingFileError(f"{args.root} is not a folder of images")
     paths = find_images(args.root)
     if not paths:
-        raise FileNotFoundError(f"no {'/'.join(SUFFIXES)} file under {args.root}")
+        raise MissingFileError(f"no {'/'.join(SUFFIXES)} file under {args.root}")
     sensors = {"rgb": SensorArraySpec(dtype="uint8", channels=3, height=args.size, width=args.size,
                                       gsd_m=args.gsd_m)}
     run_from_args(args, items=paths, load=functools.partial(load_image, root=args.root, size=args.size),

@@ -9,8 +9,10 @@ must hold exactly the sensor's bands, in the sensor's order.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+from msgfm.errors import UserError
 from msgfm.sensors import get_sensor
 
 # Metres per degree of latitude: turns a geographic CRS's pixel size into a nominal GSD.
@@ -25,13 +27,13 @@ def parse_band_selection(text: str) -> BandSelection:
     """``"3,2,1"`` -> (3, 2, 1); ``"red, nir"`` -> ("red", "nir"); numbers are 1-based band indexes."""
     tokens = [token.strip() for token in text.split(",")]
     if not text.strip() or any(not token for token in tokens):
-        raise ValueError(f"--bands {text!r}: expected comma-separated 1-based band indexes or band descriptions, "
-                         f"e.g. --bands 3,2,1 or --bands red,green,blue")
+        raise UserError(f"--bands {text!r}: expected comma-separated 1-based band indexes or band descriptions, "
+                        f"e.g. --bands 3,2,1 or --bands red,green,blue")
     selection: list[int | str] = []
     for token in tokens:
         if token.lstrip("-").isdigit():
             if int(token) < 1:
-                raise ValueError(f"--bands {text!r}: band indexes start at 1, got {token}")
+                raise UserError(f"--bands {text!r}: band indexes start at 1, got {token}")
             selection.append(int(token))
         else:
             selection.append(token)
@@ -63,27 +65,27 @@ def resolve_bands(selection: BandSelection | None, descriptions: Sequence[str | 
         if count != spec.num_channels:
             fix = (f"select them with {_hint(descriptions, spec.bands)} (index or description, in the sensor's "
                    f"order), or " if count > spec.num_channels else "pick the sensor the file holds, or ")
-            raise ValueError(f"{path} has {count} bands ({_describe_bands(descriptions)}) but sensor '{sensor}' has "
-                             f"{spec.num_channels} {list(spec.bands)}; {fix}declare a sensor with the file's bands "
-                             f"(--sensors FILE.yaml)")
+            raise UserError(f"{path} has {count} bands ({_describe_bands(descriptions)}) but sensor '{sensor}' has "
+                            f"{spec.num_channels} {list(spec.bands)}; {fix}declare a sensor with the file's bands "
+                            f"(--sensors FILE.yaml)")
         return list(range(1, count + 1))
     indexes = []
     for wanted in selection:
         if isinstance(wanted, int):
             if wanted > count:
-                raise ValueError(f"{path}: --bands asks for band {wanted} but the file has {count} bands "
-                                 f"({_describe_bands(descriptions)})")
+                raise UserError(f"{path}: --bands asks for band {wanted} but the file has {count} bands "
+                                f"({_describe_bands(descriptions)})")
             indexes.append(wanted)
             continue
         matches = [i for i, d in enumerate(descriptions, start=1) if d and d.lower() == wanted.lower()]
         if len(matches) != 1:
             problem = "no band" if not matches else f"{len(matches)} bands"
-            raise ValueError(f"{path}: --bands '{wanted}' matches {problem} of the file's descriptions "
-                             f"({_describe_bands(descriptions)}); use 1-based band indexes instead")
+            raise UserError(f"{path}: --bands '{wanted}' matches {problem} of the file's descriptions "
+                            f"({_describe_bands(descriptions)}); use 1-based band indexes instead")
         indexes.append(matches[0])
     if len(indexes) != spec.num_channels:
-        raise ValueError(f"{path}: --bands selects {len(indexes)} bands {list(selection)} but sensor '{sensor}' has "
-                         f"{spec.num_channels} {list(spec.bands)}; give one band per sensor band, in its order")
+        raise UserError(f"{path}: --bands selects {len(indexes)} bands {list(selection)} but sensor '{sensor}' has "
+                        f"{spec.num_channels} {list(spec.bands)}; give one band per sensor band, in its order")
     return indexes
 
 

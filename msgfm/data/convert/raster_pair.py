@@ -2,12 +2,13 @@
 
 For MDAS-style pairs (airborne RGB + DSM) or any optical + elevation pair. Each raster
 holds its sensor's bands (or ``--bands SENSOR=LIST`` selects them by index or description,
-e.g. ``--bands rgb=3,2,1`` of a 6-band scene). The two rasters must share a CRS (else: refused, reproject one first) and overlap (the
-intersection is used). Tiles are cut on the grid of the finer raster; the coarser one is
-resampled onto each tile's grid with ``--resampling`` (bilinear by default, GDAL warp,
-nodata-aware). Tiles whose share of nodata pixels (in either raster) exceeds
-``--max-nodata`` are skipped and reported. Both sensors record the GSD of the tile grid (the
-finer raster's pixel size), which is what their pixels are after resampling.
+e.g. ``--bands rgb=3,2,1`` of a 6-band scene). The two rasters must share a CRS (else:
+refused, reproject one first) and overlap (the intersection is used). Tiles are cut on the
+grid of the finer raster; the coarser one is resampled onto each tile's grid with
+``--resampling`` (bilinear by default, GDAL warp, nodata-aware). Tiles whose share of
+nodata pixels (in either raster) exceeds ``--max-nodata`` are skipped and reported. Both
+sensors record the GSD of the tile grid (the finer raster's pixel size), which is what their
+pixels are after resampling.
 """
 from __future__ import annotations
 
@@ -21,15 +22,30 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
-from rasterio.warp import reproject, transform as warp_transform
+from rasterio.warp import reproject
+from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window, from_bounds
 
-from msgfm.data.convert.common import (LoadResult, Sample, SkipItem, add_common_args, invalid_mask, run_from_args,
-                                       storage_dtype, tile_offsets)
-from msgfm.data.convert.raster_bands import (BandSelection, nodata_value, nominal_gsd_m, parse_band_selection,
-                                             resolve_bands)
+from msgfm.data.convert.common import (
+    LoadResult,
+    Sample,
+    SkipItem,
+    add_common_args,
+    invalid_mask,
+    run_from_args,
+    storage_dtype,
+    tile_offsets,
+)
+from msgfm.data.convert.raster_bands import (
+    BandSelection,
+    nodata_value,
+    nominal_gsd_m,
+    parse_band_selection,
+    resolve_bands,
+)
 from msgfm.data.format import SensorArraySpec
 from msgfm.data.georef import grid_georef
+from msgfm.errors import MissingFileError, UserError
 from msgfm.sensors import get_sensor
 
 RESAMPLINGS = ("bilinear", "nearest", "cubic", "average")
@@ -63,36 +79,36 @@ class PairGrid:
 def plan_pair(rasters: dict[str, Path], bands: dict[str, BandSelection] | None = None) -> PairGrid:
     """Check both rasters (bands, CRS, overlap) and find the common grid; ValueError says why not."""
     if len(rasters) != 2:
-        raise ValueError(f"raster-pair needs exactly two --raster SENSOR=PATH, got {len(rasters)}")
+        raise UserError(f"raster-pair needs exactly two --raster SENSOR=PATH, got {len(rasters)}")
     bands = dict(bands or {})
     unknown = sorted(set(bands) - set(rasters))
     if unknown:
-        raise ValueError(f"--bands names sensor(s) {unknown} without a --raster; the rasters are {sorted(rasters)}")
+        raise UserError(f"--bands names sensor(s) {unknown} without a --raster; the rasters are {sorted(rasters)}")
     infos, sources = [], {}
     for sensor, path in rasters.items():
         if not Path(path).is_file():
-            raise FileNotFoundError(f"--raster {sensor}={path}: no such file")
+            raise MissingFileError(f"--raster {sensor}={path}: no such file")
         with rasterio.open(path) as src:
             indexes = resolve_bands(bands.get(sensor), src.descriptions, path=path, sensor=sensor)
             dtypes = {src.dtypes[i - 1] for i in indexes}
             if len(dtypes) > 1:
-                raise ValueError(f"{path}: the bands of sensor '{sensor}' mix dtypes {sorted(dtypes)}; convert "
-                                 f"them to one dtype first")
+                raise UserError(f"{path}: the bands of sensor '{sensor}' mix dtypes {sorted(dtypes)}; convert "
+                                f"them to one dtype first")
             if src.crs is None:
-                raise ValueError(f"{path} has no CRS; georeference it first")
+                raise UserError(f"{path} has no CRS; georeference it first")
             sources[sensor] = (src.crs, src.bounds, src.transform, src.shape, src.res)
             infos.append(RasterInfo(sensor=sensor, path=str(path), dtype=storage_dtype(dtypes.pop()),
                                     nodata=nodata_value(src.nodata), pixel_area=abs(src.res[0] * src.res[1]),
                                     band_indexes=tuple(indexes)))
     (name_a, (crs_a, bounds_a, *_)), (name_b, (crs_b, bounds_b, *_)) = sources.items()
     if crs_a != crs_b:
-        raise ValueError(f"the rasters have different CRS: {name_a} {crs_a.to_string()}, {name_b} "
-                         f"{crs_b.to_string()}; reproject one onto the other's CRS first (e.g. gdalwarp -t_srs)")
+        raise UserError(f"the rasters have different CRS: {name_a} {crs_a.to_string()}, {name_b} "
+                        f"{crs_b.to_string()}; reproject one onto the other's CRS first (e.g. gdalwarp -t_srs)")
     left, bottom = max(bounds_a.left, bounds_b.left), max(bounds_a.bottom, bounds_b.bottom)
     right, top = min(bounds_a.right, bounds_b.right), min(bounds_a.top, bounds_b.top)
     if left >= right or bottom >= top:
-        raise ValueError(f"the rasters do not overlap: {name_a} covers {tuple(bounds_a)}, {name_b} covers "
-                         f"{tuple(bounds_b)} (in {crs_a.to_string()})")
+        raise UserError(f"the rasters do not overlap: {name_a} covers {tuple(bounds_a)}, {name_b} covers "
+                        f"{tuple(bounds_b)} (in {crs_a.to_string()})")
     fine = min(infos, key=lambda info: info.pixel_area)
     _, _, fine_transform, (fine_h, fine_w), fine_res = sources[fine.sensor]
     window = from_bounds(left, bottom, right, top, transform=fine_transform)
@@ -142,10 +158,10 @@ def parse_rasters(values: list[str]) -> dict[str, Path]:
     for value in values:
         sensor, sep, path = value.partition("=")
         if not sep or not sensor or not path:
-            raise ValueError(f"--raster {value!r}: expected SENSOR=PATH, e.g. --raster dsm=dsm.tif")
+            raise UserError(f"--raster {value!r}: expected SENSOR=PATH, e.g. --raster dsm=dsm.tif")
         get_sensor(sensor)
         if sensor in rasters:
-            raise ValueError(f"--raster: sensor '{sensor}' given twice")
+            raise UserError(f"--raster: sensor '{sensor}' given twice")
         rasters[sensor] = Path(path)
     return rasters
 
@@ -156,22 +172,22 @@ def parse_bands(values: list[str]) -> dict[str, BandSelection]:
     for value in values:
         sensor, sep, selection = value.partition("=")
         if not sep or not sensor or not selection:
-            raise ValueError(f"--bands {value!r}: expected SENSOR=LIST, e.g. --bands rgb=3,2,1")
+            raise UserError(f"--bands {value!r}: expected SENSOR=LIST, e.g. --bands rgb=3,2,1")
         if sensor in bands:
-            raise ValueError(f"--bands: sensor '{sensor}' given twice")
+            raise UserError(f"--bands: sensor '{sensor}' given twice")
         bands[sensor] = parse_band_selection(selection)
     return bands
 
 
 def convert(args: argparse.Namespace) -> int:
     if not 0.0 <= args.max_nodata <= 1.0:
-        raise ValueError(f"--max-nodata must be in [0, 1], got {args.max_nodata}")
+        raise UserError(f"--max-nodata must be in [0, 1], got {args.max_nodata}")
     grid = plan_pair(parse_rasters(args.raster), parse_bands(args.bands or []))
     stride = args.stride or args.size
     offsets = tile_offsets(grid.height, grid.width, args.size, stride)
     if not offsets:
-        raise ValueError(f"the overlap of the rasters is {grid.height}x{grid.width} pixels on the {grid.fine} grid, "
-                         f"smaller than one --size {args.size} tile; use a smaller --size")
+        raise UserError(f"the overlap of the rasters is {grid.height}x{grid.width} pixels on the {grid.fine} grid, "
+                        f"smaller than one --size {args.size} tile; use a smaller --size")
     print(f"overlap {grid.height}x{grid.width} px on the {grid.fine} grid -> {len(offsets)} tiles of {args.size} px "
           f"(stride {stride}); the other raster is resampled ({args.resampling})")
     sensors = {info.sensor: SensorArraySpec(dtype=info.dtype, channels=get_sensor(info.sensor).num_channels,

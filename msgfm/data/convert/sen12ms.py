@@ -23,6 +23,7 @@ from rasterio.warp import transform as warp_transform
 from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args
 from msgfm.data.format import SensorArraySpec
 from msgfm.data.georef import grid_georef
+from msgfm.errors import MissingFileError
 from msgfm.sensors import get_sensor
 
 S2_SCALE = 1e-4  # SEN12MS L1C digital numbers are reflectance x 10000
@@ -97,11 +98,11 @@ def load_pair(pair: tuple[Path, Path], *, size: int, s2_sensor: str) -> LoadResu
 
 def convert(args: argparse.Namespace) -> int:
     if not args.root.is_dir():
-        raise FileNotFoundError(f"{args.root} is not a folder (expected SEN12MS ROI folders with s1_*/ and s2_*/)")
+        raise MissingFileError(f"{args.root} is not a folder (expected SEN12MS ROI folders with s1_*/ and s2_*/)")
     pairs, skipped = find_pairs(args.root)
     if not pairs:
-        raise FileNotFoundError(f"no SEN12MS pair found under {args.root}: expected "
-                                f"ROIs*/s1_*/ROIs*_s1_*_p*.tif with matching s2_* files")
+        raise MissingFileError(f"no SEN12MS pair found under {args.root}: expected "
+                               f"ROIs*/s1_*/ROIs*_s1_*_p*.tif with matching s2_* files")
     size = patch_size(pairs[0][0], args.size)
     sensors = sensor_specs(size, args.s2_sensor)
     run_from_args(args, items=pairs, load=functools.partial(load_pair, size=size, s2_sensor=args.s2_sensor),

@@ -24,13 +24,19 @@ from typing import Any
 import numpy as np
 import rasterio
 
-from msgfm.data.convert.common import (LoadResult, Sample, SkipItem, add_common_args, run_from_args,
-                                       run_splits_from_args)
+from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args, run_splits_from_args
 from msgfm.data.convert.sen12ms import S1_NAME as _S1
-from msgfm.data.convert.sen12ms import (S2_SCALE, S2_SENSOR_CHOICES, SOURCE_S2_SENSOR, patch_size, s2_band_indices,
-                                        sensor_specs)
+from msgfm.data.convert.sen12ms import (
+    S2_SCALE,
+    S2_SENSOR_CHOICES,
+    SOURCE_S2_SENSOR,
+    patch_size,
+    s2_band_indices,
+    sensor_specs,
+)
 from msgfm.data.format import LabelSpec
 from msgfm.data.georef import grid_georef
+from msgfm.errors import MissingFileError
 from msgfm.sensors import get_sensor
 
 TARGET_LABEL = "s2_cloud_free"
@@ -128,18 +134,19 @@ def load_triplet(triplet: tuple[Path, Path, Path], *, size: int, s2_sensor: str)
 
 def convert(args: argparse.Namespace) -> int:
     if not args.root.is_dir():
-        raise FileNotFoundError(f"{args.root} is not a folder (expected ROIs*_s1/, ROIs*_s2/, ROIs*_s2_cloudy/)")
+        raise MissingFileError(f"{args.root} is not a folder (expected ROIs*_s1/, ROIs*_s2/, ROIs*_s2_cloudy/)")
     triplets, skipped = find_triplets(args.root)
     if not triplets:
-        raise FileNotFoundError(f"no SEN12MS-CR triplet under {args.root}: expected ROIs*_s1/s1_N/*_s1_N_pP.tif "
-                                f"with matching ROIs*_s2/ and ROIs*_s2_cloudy/ files")
+        raise MissingFileError(f"no SEN12MS-CR triplet under {args.root}: expected ROIs*_s1/s1_N/*_s1_N_pP.tif "
+                               f"with matching ROIs*_s2/ and ROIs*_s2_cloudy/ files")
     size = patch_size(triplets[0][0], args.size)
     sensor = get_sensor(args.s2_sensor)
     sensors = sensor_specs(size, args.s2_sensor)
     target = LabelSpec(name=TARGET_LABEL, shape=(sensor.num_channels, size, size), dtype="uint16",
                        attrs={"bands": list(sensor.bands), "sensor": args.s2_sensor, "scale": S2_SCALE,
                               "description": "cloud-free Sentinel-2 L1C target, reflectance x 1e4"})
-    common: dict[str, Any] = dict(load=functools.partial(load_triplet, size=size, s2_sensor=args.s2_sensor), group="sen12mscr",
+    common: dict[str, Any] = dict(load=functools.partial(load_triplet, size=size, s2_sensor=args.s2_sensor),
+                                  group="sen12mscr",
                   sensors=sensors, labels=[target], source=f"SEN12MS-CR: {args.root}", description="sen12mscr")
     if args.splits:
         splits, skipped_in_split, outside = split_triplets(triplets, skipped)

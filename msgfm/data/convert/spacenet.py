@@ -28,10 +28,18 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args, storage_dtype, \
-    tile_offsets
+from msgfm.data.convert.common import (
+    LoadResult,
+    Sample,
+    SkipItem,
+    add_common_args,
+    run_from_args,
+    storage_dtype,
+    tile_offsets,
+)
 from msgfm.data.format import SensorArraySpec, segmentation_spec
 from msgfm.data.georef import grid_georef
+from msgfm.errors import MissingFileError, UserError
 from msgfm.sensors import get_sensor
 
 MS_SENSOR = "wv2_ms"
@@ -106,8 +114,8 @@ def ms_band_index(order: str) -> list[int]:
     wanted = get_sensor(MS_SENSOR).bands
     missing = [b for b in wanted if b not in names]
     if missing:
-        raise ValueError(f"--ms-band-order '{order}' lacks band(s) {missing}; name the file's bands in order "
-                         f"using {list(wanted)} (others: any name)")
+        raise UserError(f"--ms-band-order '{order}' lacks band(s) {missing}; name the file's bands in order "
+                        f"using {list(wanted)} (others: any name)")
     return [names.index(b) + 1 for b in wanted]
 
 
@@ -115,13 +123,13 @@ def convert(args: argparse.Namespace) -> int:
     pairs, skipped = find_pairs(args.root) if args.root else ([], [])
     pairs += [(Path(p), Path(m)) for p, m in args.pair or []]
     if not pairs:
-        raise FileNotFoundError("no PAN/MS pair: give a SpaceNet folder with PAN/ and MUL/, or --pair PAN.tif MS.tif")
+        raise MissingFileError("no PAN/MS pair: give a SpaceNet folder with PAN/ and MUL/, or --pair PAN.tif MS.tif")
     band_index = ms_band_index(args.ms_band_order)
     with rasterio.open(pairs[0][0]) as pan, rasterio.open(pairs[0][1]) as ms:
         try:
             ratio = check_pair(pan, ms)  # the first pair sets the ratio and dtype of the shards
         except SkipItem as err:
-            raise ValueError(f"{pairs[0][0]} + {pairs[0][1]}: {err}") from None
+            raise UserError(f"{pairs[0][0]} + {pairs[0][1]}: {err}") from None
         ms_dtype = storage_dtype(ms.dtypes[0])
     size, stride = args.size, args.stride or args.size
     sensors = {PAN_SENSOR: SensorArraySpec(dtype="float32", channels=1, height=size, width=size),
@@ -156,7 +164,7 @@ def load_buildings(item: tuple[Path, Path], *, size: int, stride: int) -> LoadRe
 def convert_buildings(args: argparse.Namespace) -> int:
     for path in (args.image, args.mask):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise MissingFileError(f"{path}: no such file")
     size, stride = args.size, args.stride or args.size
     run_from_args(args, items=[(args.image, args.mask)], load=functools.partial(load_buildings, size=size,
                                                                               stride=stride),

@@ -33,10 +33,18 @@ from typing import Any
 import numpy as np
 import rasterio
 
-from msgfm.data.convert.common import (LoadResult, Sample, SkipItem, add_common_args, run_from_args,
-                                       run_splits_from_args, tile_offsets)
+from msgfm.data.convert.common import (
+    LoadResult,
+    Sample,
+    SkipItem,
+    add_common_args,
+    run_from_args,
+    run_splits_from_args,
+    tile_offsets,
+)
 from msgfm.data.format import SensorArraySpec, segmentation_spec
 from msgfm.data.georef import grid_georef
+from msgfm.errors import MissingFileError, UserError
 
 # ISPRS legend: class name -> RGB colour in the reference images.
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -66,8 +74,8 @@ def colours_to_classes(rgb_3HW: np.ndarray, where: str) -> np.ndarray:
     unknown = out_HW == 254
     if unknown.any():
         y, x = np.argwhere(unknown)[0]
-        raise ValueError(f"{where}: colour {tuple(int(c) for c in rgb_3HW[:, y, x])} at pixel ({y}, {x}) is not in "
-                         f"the ISPRS legend {CLASS_COLOURS}")
+        raise UserError(f"{where}: colour {tuple(int(c) for c in rgb_3HW[:, y, x])} at pixel ({y}, {x}) is not in "
+                        f"the ISPRS legend {CLASS_COLOURS}")
     return out_HW
 
 
@@ -132,18 +140,19 @@ def load_area(area: int, *, root: Path, labels: str, size: int, stride: int) -> 
 def convert(args: argparse.Namespace) -> int:
     root = args.root
     if not (root / "top").is_dir():
-        raise FileNotFoundError(f"{root}: no top/ folder; expected the ISPRS Vaihingen layout "
-                                f"(top/top_mosaic_09cm_area*.tif, dsm/, gts_for_participants/)")
+        raise MissingFileError(f"{root}: no top/ folder; expected the ISPRS Vaihingen layout "
+                               f"(top/top_mosaic_09cm_area*.tif, dsm/, gts_for_participants/)")
     size, stride = args.size, args.stride or args.size
     sensors = {"rgb": SensorArraySpec(dtype="uint8", channels=3, height=size, width=size, gsd_m=0.09),
                "dsm": SensorArraySpec(dtype="float32", channels=1, height=size, width=size, nodata=DSM_NODATA,
                                       gsd_m=0.09)}
-    common: dict[str, Any] = dict(group="vaihingen", sensors=sensors, labels=[segmentation_spec(CLASSES, size, size, IGNORE_INDEX)],
+    common: dict[str, Any] = dict(group="vaihingen", sensors=sensors,
+                                  labels=[segmentation_spec(CLASSES, size, size, IGNORE_INDEX)],
                   description="vaihingen")
     if args.splits:
         if args.areas:
-            raise ValueError("--splits converts the ISPRS train and test areas; leave out --areas (or use --areas "
-                             "without --splits)")
+            raise UserError("--splits converts the ISPRS train and test areas; leave out --areas (or use --areas "
+                            "without --splits)")
         test_labels = args.test_labels or args.labels
         train, train_skipped = find_areas(root, list(TRAIN_AREAS), args.labels)
         test, test_skipped = find_areas(root, list(TEST_AREAS), test_labels)
@@ -158,11 +167,11 @@ def convert(args: argparse.Namespace) -> int:
                                     f"references)", **common)
         return 0
     if args.test_labels:
-        raise ValueError("--test-labels applies to the test split of --splits; without --splits use --labels")
+        raise UserError("--test-labels applies to the test split of --splits; without --splits use --labels")
     areas = [int(a) for a in args.areas.split(",")] if args.areas else None
     usable, skipped = find_areas(root, areas, args.labels)
     if not usable:
-        raise FileNotFoundError(f"{root}: no area has an ortho photo, a DSM and a reference: {skipped}")
+        raise MissingFileError(f"{root}: no area has an ortho photo, a DSM and a reference: {skipped}")
     run_from_args(args, items=usable, load=functools.partial(load_area, root=root, labels=args.labels, size=size,
                                                              stride=stride),
                   skipped_before=skipped, source=f"ISPRS Vaihingen: {root} ({args.labels} references)", **common)
