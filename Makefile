@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean gpu-wheels gpu-check
+.PHONY: install demo lint test clean gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -24,7 +24,13 @@ demo: install
 		--deepspeed_config ds_configs/cpu.json --config demo_cpu \
 		--data-root data/sample --output-dir runs/demo
 
-test: install
+# ruff (style, import order, docstring layout; pyproject.toml) and mypy (types of the package).
+lint: install
+	$(VENV)/bin/ruff check msgfm tests launchers
+	$(VENV)/bin/mypy
+
+# README command 2: lint and type check, then the suite.
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # What the GPU machine lacks (no network there; docs/gpu.md), for its CPython 3.12 on x86-64:

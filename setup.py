@@ -25,6 +25,7 @@ RUNTIME = [
     "matplotlib",  # reconstruction and prediction figures
     "torchmetrics>=1.0",  # downstream metrics
     "ninja",  # JIT build of the fused kernels
+    "safetensors",  # timm weights for fine-tuning baselines
     "packaging",  # version comparison in `msgfm doctor`
 ]
 

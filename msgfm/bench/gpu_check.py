@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from msgfm.bench import gpu_report
+from msgfm.train.runtime import own_job_environment
 
 REPO = Path(__file__).resolve().parents[2]
 # --only names -> the parts (budget keys) they select; environment and data always run.
@@ -188,7 +189,7 @@ class GpuCheck:
         cmd = [sys.executable, *args]
         limit = max(1.0, min(timeout, self.remaining()))
         self.log(f"\n===== {label}: {' '.join(cmd)} (limit {limit:.0f} s)")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = own_job_environment(PYTHONUNBUFFERED="1")  # each part is a one-process job of its own
         with tempfile.TemporaryFile("w+") as capture:
             try:
                 rc = subprocess.run(cmd, cwd=REPO, stdout=capture, stderr=subprocess.STDOUT, env=env,
@@ -274,7 +275,7 @@ class GpuCheck:
 
     def build(self, part: Part) -> None:
         """Msgfm's kernels and DeepSpeed's FusedAdam compile at the same time (two nvcc jobs)."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = own_job_environment(PYTHONUNBUFFERED="1")
         procs, files, seconds = {}, {}, {}
         for label, function in (("kernels", "build_kernels"), ("FusedAdam", "build_fused_adam")):
             files[label] = tempfile.TemporaryFile("w+")

@@ -48,7 +48,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import deepspeed.comm as dist
 import torch
+
+from msgfm.config import KernelsConfig, load_config
+from msgfm.data.plan import plan_data
+from msgfm.data.synthetic import write_synthetic_data
+from msgfm.ops import resolve_attention_impl, resolve_window_process_impl
+from msgfm.train.ds_config import load_ds_config, precision, zero_stage
+from msgfm.train.pretrain import build_trainer
+from msgfm.train.runtime import init_process_group
 
 # Peak dense tensor-core TFLOP/s per precision, by device-name fragment (vendor datasheets; no
 # sparsity). First match wins, so the specific names come before the families. V100 has no bf16.
@@ -92,22 +101,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _init_process_group(on_gpu: bool) -> None:
-    import deepspeed
-
-    from msgfm.train.runtime import share_cpu_threads, skip_cpu_shm_comm_op
-
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", str(29700 + os.getpid() % 200))):
-        os.environ.setdefault(key, value)
-    if on_gpu:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    else:
-        skip_cpu_shm_comm_op()
-        share_cpu_threads()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
-
-
 def _sync(on_gpu: bool) -> float:
     if on_gpu:
         torch.cuda.synchronize()
@@ -117,8 +110,6 @@ def _sync(on_gpu: bool) -> float:
 @contextmanager
 def eager_attention(model: torch.nn.Module) -> Iterator[None]:
     """Run attention and window process through plain torch ops (what FlopCounterMode can count)."""
-    from msgfm.config import KernelsConfig
-
     saved: dict[Any, Any] = {}
     module: Any  # swapping a dataclass attribute of an nn.Module, which mypy types as Tensor | Module
     for module in model.modules():
@@ -188,16 +179,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
     on_gpu = torch.cuda.is_available()
     repo = Path(__file__).resolve().parents[2]
     ds_path = Path(args.deepspeed_config or repo / "ds_configs" / ("a100x8_bf16.json" if on_gpu else "cpu.json"))
-    _init_process_group(on_gpu)
-    import deepspeed.comm as dist
-
-    from msgfm.config import load_config
-    from msgfm.data.plan import plan_data
-    from msgfm.data.synthetic import write_synthetic_data
-    from msgfm.ops import resolve_attention_impl, resolve_window_process_impl
-    from msgfm.train.ds_config import load_ds_config, precision, zero_stage
-    from msgfm.train.pretrain import build_trainer
-
+    init_process_group(on_gpu)  # a plain `python -m msgfm.bench.train` is a one-process group
     world, rank = dist.get_world_size(), dist.get_rank()
     overrides = list(args.overrides)
     cfg = load_config(args.config, overrides)

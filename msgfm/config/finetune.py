@@ -33,7 +33,7 @@ from msgfm.sensors import SensorSpec, register_sensor
 TASKS = ("ben", "vaihingen", "sen12mscr", "spacenet", "spacenet_buildings")
 TaskKind = Literal["multilabel", "segmentation", "restoration"]
 # spacenet_buildings: segmentation of SpaceNet building masks (the real-data check of the segmentation path)
-TASK_KINDS: dict[str, str] = {"ben": "multilabel", "vaihingen": "segmentation", "sen12mscr": "restoration",
+TASK_KINDS: dict[str, TaskKind] = {"ben": "multilabel", "vaihingen": "segmentation", "sen12mscr": "restoration",
                               "spacenet": "restoration", "spacenet_buildings": "segmentation"}
 
 
@@ -43,7 +43,7 @@ class TaskConfig:
 
     name: Literal["ben", "vaihingen", "sen12mscr", "spacenet", "spacenet_buildings"] = "ben"
     # multilabel (ben), segmentation (vaihingen, other masks), restoration (sen12mscr, spacenet)
-    kind: Literal["multilabel", "segmentation", "restoration"] | None = None
+    kind: TaskKind | Literal[""] = ""
     # Input sensors, in stacking order (method 2) / feature order (method 1).
     sensors: list[str] = field(default_factory=lambda: ["sar", "s2"])
     # multilabel / segmentation
@@ -64,7 +64,7 @@ class TaskConfig:
     eval_overlap: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.kind is None:
+        if not self.kind:
             self.kind = TASK_KINDS[self.name]
         if not self.sensors:
             config_error("task.sensors", "list at least one input sensor")

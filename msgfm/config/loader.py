@@ -49,7 +49,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in args:
             config_error(key, f"must be one of {list(args)}, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

@@ -107,7 +107,8 @@ class GroupDataset(Dataset):
     """
 
     def __init__(self, shards: Sequence[ShardInfo | str | Path], sensors: Sequence[str], stats: Stats,
-                 transform: SampleTransform, *, name: str = "", replacement_pool: Sequence[int] | None = None) -> None:
+                 transform: SampleTransform, *, name: str = "",
+                 replacement_pool: Sequence[int] | np.ndarray | None = None) -> None:
         infos = [s if isinstance(s, ShardInfo) else read_shard_info(s, check_data=False) for s in shards]
         if not infos:
             raise UserError(f"group '{name}': no shards")
@@ -240,7 +241,7 @@ class GroupDataset(Dataset):
             raise CorruptSampleError(f"group '{self.name}': {len(corrupt)} unreadable samples in a row, last "
                                      f"{corrupt[-1]}; the shards are badly damaged, convert them again")
         images, valid = self.transform(raw, self.normalizers[shard], rng)
-        sample = {"images": images, "valid": valid, "id": sample_id}
+        sample: dict[str, Any] = {"images": images, "valid": valid, "id": sample_id}
         if corrupt:
             sample["corrupt"] = corrupt
         return sample

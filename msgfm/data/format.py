@@ -186,7 +186,7 @@ class ShardWriter:
             raise
 
     def _write_layout(self, compression: str | None, source: str, created_by: str) -> None:
-        f = self._file
+        f = self._open_file()
         f.attrs[VERSION_ATTR] = FORMAT_VERSION
         f.attrs["group"] = self.group
         f.attrs["sensors"] = list(self.sensors)
@@ -209,11 +209,11 @@ class ShardWriter:
             ds.attrs["offset"] = float(spec.offset)
         if self.label_specs:
             group = f.create_group(LABELS_GROUP)
-            for spec in self.label_specs.values():
-                chunks = (1, *spec.shape) if spec.shape else None
-                ds = group.create_dataset(spec.name, shape=(0, *spec.shape), maxshape=(None, *spec.shape),
-                                          dtype=spec.dtype, chunks=chunks or True, compression=compression)
-                for key, value in spec.attrs.items():
+            for label in self.label_specs.values():
+                chunks = (1, *label.shape) if label.shape else None
+                ds = group.create_dataset(label.name, shape=(0, *label.shape), maxshape=(None, *label.shape),
+                                          dtype=label.dtype, chunks=chunks or True, compression=compression)
+                for key, value in label.attrs.items():
                     ds.attrs[key] = value
 
     def append(self, images: Mapping[str, np.ndarray], sample_id: str, *,
@@ -252,11 +252,17 @@ class ShardWriter:
         return index
 
     def _resize(self, size: int) -> None:
+        f = self._open_file()
         for name in self.sensors:
-            self._file[name].resize(size, axis=0)
+            f[name].resize(size, axis=0)
         for name in self.label_specs:
-            self._file[LABELS_GROUP][name].resize(size, axis=0)
+            f[LABELS_GROUP][name].resize(size, axis=0)
         self._capacity = size
+
+    def _open_file(self) -> h5py.File:
+        if self._file is None:
+            raise RuntimeError(f"{self.path}: the shard writer is already closed")
+        return self._file
 
     def close(self) -> Path:
         """Finish the file (trim, write ids/coordinates) and move it to its final name."""

@@ -67,8 +67,8 @@ def _loader(dataset: GroupDataset, sampler: Any, group: DataGroupConfig, pin_mem
 def train_transform(cfg: RunConfig) -> SampleTransform:
     """The training augmentation of ``data.augment`` at the model's image size."""
     aug = cfg.data.augment
-    return SampleTransform(img_size=cfg.model.img_size, train=True, crop_scale=tuple(aug.crop_scale),
-                           crop_ratio=tuple(aug.crop_ratio), hflip=aug.hflip, vflip=aug.vflip)
+    return SampleTransform(img_size=cfg.model.img_size, train=True, crop_scale=(aug.crop_scale[0], aug.crop_scale[1]),
+                           crop_ratio=(aug.crop_ratio[0], aug.crop_ratio[1]), hflip=aug.hflip, vflip=aug.vflip)
 
 
 def build_pretrain_data(cfg: RunConfig, plan: DataPlan, rank: int, world_size: int, seed: int) -> PretrainData:
@@ -92,7 +92,7 @@ def build_pretrain_data(cfg: RunConfig, plan: DataPlan, rank: int, world_size: i
         summary, order = summaries[group.name], orders[group.name]
         _, val_idx = splits[group.name]
         pool = order.indices[rank * order.per_rank:(rank + 1) * order.per_rank]
-        train_ds = GroupDataset(summary.shards, group.sensors, summary.stats, train_tf, name=group.name,
+        train_ds = GroupDataset(summary.shards, group.sensors, summary.statistics, train_tf, name=group.name,
                                 replacement_pool=pool)
         sampler = StepRangeBatchSampler(order)
         names.append(group.name)
@@ -102,13 +102,13 @@ def build_pretrain_data(cfg: RunConfig, plan: DataPlan, rank: int, world_size: i
         if cfg.data.val_fraction > 0 and len(val_sampler) == 0:
             warnings.warn(f"group '{group.name}': {len(val_idx)} validation samples for {world_size} ranks give "
                           f"no validation batch; raise data.val_fraction", stacklevel=2)
-        val_ds = GroupDataset(summary.shards, group.sensors, summary.stats, val_tf, name=group.name,
+        val_ds = GroupDataset(summary.shards, group.sensors, summary.statistics, val_tf, name=group.name,
                               replacement_pool=val_sampler.indices if len(val_sampler.indices) else None)
         # Validation runs now and then: its workers start per pass instead of idling in between.
         val[group.name] = ValLoader(group.name, _loader(val_ds, val_sampler, group, pin_memory,
                                                         cfg.data.prefetch_factor, persistent=False), tracker)
     scheduler = HeterogeneousScheduler(names, loaders, samplers, tracker, seed)
     return PretrainData(train=scheduler, val=val,
-                        stats={name: s.stats.to_dict() for name, s in summaries.items()},
+                        stats={name: s.statistics.to_dict() for name, s in summaries.items()},
                         group_sizes=plan.group_sizes, batch_sizes=dict(plan.batch_sizes), lrs=dict(plan.lrs),
                         summaries=summaries)

@@ -43,6 +43,13 @@ class GroupSummary:
     stats: Stats | None
     stats_path: Path | None
 
+    @property
+    def statistics(self) -> Stats:
+        """The group's band statistics (every summary validate_data returns has them)."""
+        if self.stats is None:
+            raise RuntimeError(f"group '{self.name}' has no statistics: it did not pass validate_data")
+        return self.stats
+
     def describe(self) -> str:
         return (f"group '{self.name}' ({'+'.join(self.sensors)}): {self.num_samples} samples in "
                 f"{len(self.shards)} shards, stats {self.stats_path}")

@@ -201,7 +201,7 @@ def _selection(infos: Sequence[ShardInfo], max_samples: int | None, seed: int) -
     return [chosen[(chosen >= lo) & (chosen < hi)] - lo for lo, hi in zip(starts[:-1], starts[1:])]
 
 
-def _blocks(indices: np.ndarray, block: int) -> Iterator[np.ndarray]:
+def _blocks(indices: np.ndarray, block: int) -> Iterator[slice | np.ndarray]:
     """Consecutive runs of at most ``block`` indices (contiguous runs read as one slice)."""
     for start in range(0, len(indices), block):
         chunk = indices[start:start + block]

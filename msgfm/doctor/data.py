@@ -52,7 +52,8 @@ def data_checks(cfg: RunConfig, data_root: Path | None) -> tuple[list[Check], st
 def read_speed_check(cfg: RunConfig, summary: GroupSummary, batch_size: int) -> Check:
     """Read and augment one batch of a group in this process: host samples/s of one loader worker."""
     group = cfg.data.group(summary.name)
-    dataset = GroupDataset(summary.shards, group.sensors, summary.stats, train_transform(cfg), name=group.name)
+    dataset = GroupDataset(summary.shards, group.sensors, summary.statistics, train_transform(cfg),
+                           name=group.name)
     count = min(batch_size, len(dataset))
     dataset[0]  # opens the file: not what a running worker pays per batch
     started = time.perf_counter()

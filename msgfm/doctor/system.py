@@ -97,7 +97,7 @@ def deepspeed_version_check(version: str | None) -> Check:
 def bf16_native(device: int) -> bool:
     """bf16 the GPU computes in hardware (not emulated through fp32, as torch does on sm_70)."""
     try:
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))  # type: ignore[call-arg]
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     except TypeError:  # torch < 2.3 has no including_emulation
         return torch.cuda.get_device_capability(device) >= (8, 0)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from msgfm.config import FinetuneConfig, ModelConfig, from_dict
 from msgfm.data.stats import Stats
@@ -32,6 +33,7 @@ from msgfm.finetune.transfer import (
 from msgfm.models import MsGFMBackbone, backbone_state, timm_to_backbone
 from msgfm.sensors import get_sensor
 from msgfm.tasks.downstream import TASK_CLASSES, DownstreamTask, backbone_embeddings, stacked_name
+from msgfm.train.checkpoint import load_client_state, load_model_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +137,6 @@ def timm_backbone_state(cfg: FinetuneConfig, weights: str | Path) -> dict[str, t
         raise MissingFileError(f"transfer.timm_weights: no file at {path}; save a timm SwinTransformer's "
                                f"state_dict() there (torch.save) or give a .safetensors file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         timm_state = load_file(str(path))
     else:
         timm_state = torch.load(path, map_location="cpu", weights_only=True)
@@ -153,8 +153,6 @@ def build_finetune_model(cfg: FinetuneConfig, pretrained: str | Path | None = No
         if pretrained is None:
             raise UserError("transfer.init is 'pretrained': pass --pretrained CKPT_DIR (a pretraining checkpoint "
                             "or run folder), or set transfer.init=random for the random-init baseline")
-        from msgfm.train.checkpoint import load_client_state, load_model_state_dict
-
         state = backbone_state(load_model_state_dict(pretrained))
         model_cfg = encoder_config(cfg, checkpoint_model_config(load_client_state(pretrained)))
         model = new_model(cfg, model_cfg, stats)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from msgfm.config import FinetuneConfig, TaskConfig
 from msgfm.data.dataset import ShardHandles, normalizer_for
 from msgfm.data.format import LABELS_GROUP, ShardInfo, read_shard_info
-from msgfm.data.stats import Stats, expand_shard_args, load_stats
+from msgfm.data.stats import Stats, default_stats_path, expand_shard_args, load_stats
 from msgfm.errors import UserError
 from msgfm.sensors import get_sensor
 
@@ -156,13 +156,11 @@ def task_stats(cfg: FinetuneConfig, root: Path) -> Stats:
     if path is not None and not path.is_absolute():
         path = root / path
     if path is None:
-        from msgfm.data.stats import default_stats_path
-
         path = default_stats_path(train) if train else root / "stats.json"
     return load_stats(path, hint=str(root / cfg.data.train[0]) if cfg.data.train else None)
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, train: bool, rank: int, world: int, seed: int, epoch: int,
+def make_loader(dataset: TaskDataset, batch_size: int, *, train: bool, rank: int, world: int, seed: int, epoch: int,
                 num_workers: int, pin_memory: bool, start_batch: int = 0) -> DataLoader:
     """Each rank reads a disjoint slice; training shuffles per epoch with a seed, gives every sample an
     augmentation seed and drops the last partial batch (equal step counts on every rank), from batch

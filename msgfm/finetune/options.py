@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
 from msgfm.errors import UserError
@@ -64,8 +65,6 @@ def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float, d
             "weight_decay": weight_decay if decay else 0.0, "lr_scale": layer_decay ** (top - layer),
             "layer_id": layer})
         group["params"].append(param)
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
     ordered = [groups[key] for key in sorted(groups)]
     return [g for g in split_params_into_different_moe_groups_for_optimizer(ordered) if g["params"]]
 

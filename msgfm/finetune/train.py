@@ -17,6 +17,7 @@ Output folder::
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -250,7 +251,7 @@ def _fine_tuned_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
 def _log_outputs(tracker: Tracker, task: DownstreamTask, result: dict[str, Any], figures: dict[str, Any],
                  folder: Path, split: str, class_names: list[str]) -> None:
     for artifact_path, file in write_outputs(task, result, figures, folder, split, class_names).items():
-        tracker.log_artifact(lambda file=file: file, artifact_path)
+        tracker.log_artifact(functools.partial(Path, file), artifact_path)
 
 
 def _final_test(trainer: Trainer, cfg: FinetuneConfig, stats: Stats, root: Path, class_names: list[str]) -> None:

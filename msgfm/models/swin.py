@@ -17,6 +17,8 @@ N = ws * ws tokens per window, nW windows per image.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from timm.layers import DropPath, Mlp
 from torch import nn
@@ -39,6 +41,8 @@ from msgfm.ops.window_geometry import relative_position_index, shift_attention_m
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows, with a learned relative position bias."""
 
+    relative_position_index: torch.Tensor  # a buffer
+
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True,
                  proj_drop: float = 0.0) -> None:
         super().__init__()
@@ -59,6 +63,8 @@ class WindowAttention(nn.Module):
 
 class SwinBlock(nn.Module):
     """(Shifted-)window attention and an MLP (or DeepSpeed-MoE experts), each pre-norm + residual."""
+
+    attn_mask: torch.Tensor | None  # a buffer: the shift mask at the configured resolution
 
     def __init__(self, dim: int, resolution: int, num_heads: int, window_size: int, shifted: bool,
                  mlp_ratio: float, qkv_bias: bool, drop: float, drop_path: float, norm_layer: type[nn.Module],
@@ -114,6 +120,10 @@ class PatchMerging(nn.Module):
 
 class SwinStage(nn.Module):
     """Optional PatchMerging, then ``depth`` blocks alternating plain and shifted windows."""
+
+    @property
+    def first_block(self) -> SwinBlock:
+        return cast(SwinBlock, self.blocks[0])
 
     def __init__(self, in_dim: int, dim: int, resolution: int, depth: int, downsample: bool, num_heads: int,
                  window_size: int, mlp_ratio: float, qkv_bias: bool, drop: float, drop_paths: list[float],
@@ -172,8 +182,13 @@ class SwinEncoder(nn.Module):
             first += depth
         self.norm = norm_layer(self.num_features)
         self.apply(_init_weights)
-        for stage, enabled in zip(self.layers, model_cfg.checkpointed_stages()):
+        for stage, enabled in zip(self.stages, model_cfg.checkpointed_stages()):
             stage.grad_checkpointing = enabled
+
+    @property
+    def stages(self) -> list[SwinStage]:
+        """The four stages, typed (``layers`` keeps timm's module name)."""
+        return [cast(SwinStage, stage) for stage in self.layers]
 
     def check_grid(self, height: int, width: int) -> None:
         """Raise a ValueError unless a token grid of height x width fits the merges and the windows."""
@@ -182,9 +197,9 @@ class SwinEncoder(nn.Module):
             raise UserError(f"image {height * self.patch_size}x{width * self.patch_size} is not a multiple of "
                             f"the encoder stride {self.patch_size * merges} (patch {self.patch_size} x "
                             f"{merges}); model.img_size is {self.img_size}")
-        for i, stage in enumerate(self.layers):
+        for i, stage in enumerate(self.stages):
             h, w = height // 2**i, width // 2**i
-            ws = stage.blocks[0].window_size
+            ws = stage.first_block.window_size
             if h % ws or w % ws:
                 raise UserError(f"image {height * self.patch_size}x{width * self.patch_size}: stage {i}'s "
                                 f"{h}x{w} token grid is not a multiple of its window {ws}; use "
@@ -215,7 +230,7 @@ class SwinEncoder(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing for every stage (timm's contract); per stage: model.grad_checkpointing."""
-        for stage in self.layers:
+        for stage in self.stages:
             stage.grad_checkpointing = enable
 
 

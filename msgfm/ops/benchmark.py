@@ -138,8 +138,8 @@ class ProfileRow:
     speedup: float | None = None  # vs eager (attention) or torch (window process), same shape and pass
 
 
-def _measure(fn: Callable[[], object], nbytes: int, copy_gbs: float, warmup: int, iters: int,
-             **labels: str) -> ProfileRow:
+def _measure(fn: Callable[[], object], nbytes: int, copy_gbs: float, warmup: int, iters: int, *,
+             shape: str, op: str, impl: str, pass_: str) -> ProfileRow:
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -148,7 +148,8 @@ def _measure(fn: Callable[[], object], nbytes: int, copy_gbs: float, warmup: int
     median = statistics.median(times)
     gbs = nbytes / (median * 1e-3) / 1e9
     return ProfileRow(median_ms=median, p10_ms=times[len(times) // 10], p90_ms=times[(9 * len(times)) // 10],
-                      peak_mib=peak, gbs=gbs, pct_copy_bw=100 * gbs / copy_gbs, **labels)
+                      peak_mib=peak, gbs=gbs, pct_copy_bw=100 * gbs / copy_gbs, shape=shape, op=op, impl=impl,
+                      pass_=pass_)
 
 
 def attention_call(shape: ProfileShape, impl: str, dtype: torch.dtype, backward: bool) -> Callable[[], object]:

@@ -17,9 +17,10 @@ import logging
 import os
 import threading
 from types import ModuleType
+from typing import Any
 
 import torch
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
 
 from msgfm.ops import kernel_build
 
@@ -129,7 +130,7 @@ class WindowAttentionFunction(torch.autograd.Function):
     """softmax(q k^T * scale + table[rel_index] + mask) v, from qkv [B_, N, 3C] to [B_, N, C]."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, qkv_BN3C: torch.Tensor, bias_table_TH: torch.Tensor, rel_index_NN: torch.Tensor,
+    def forward(ctx: Any, qkv_BN3C: torch.Tensor, bias_table_TH: torch.Tensor, rel_index_NN: torch.Tensor,
                 mask_WNN: torch.Tensor | None, num_heads: int, scale: float) -> torch.Tensor:
         ext = load_extension()
         qkv_BN3C = qkv_BN3C.contiguous()
@@ -145,7 +146,7 @@ class WindowAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out_BNC: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_out_BNC: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         qkv_BN3C, out_BNC, lse_BHN, table_TH, rel_index_NN, mask_WNN = ctx.saved_tensors
         grad_qkv_BN3C, grad_bias_HNN = load_extension().window_attention_backward(
             grad_out_BNC.contiguous(), qkv_BN3C, out_BNC, lse_BHN, table_TH, rel_index_NN, mask_WNN,
@@ -160,13 +161,13 @@ class WindowPartitionFunction(torch.autograd.Function):
     """[B, H, W, C] -> roll by -shift -> [B * nW, N, C] in one pass; backward is the merge."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x_BHWC: torch.Tensor, window_size: int, shift_size: int) -> torch.Tensor:
+    def forward(ctx: Any, x_BHWC: torch.Tensor, window_size: int, shift_size: int) -> torch.Tensor:
         ctx.geometry = (window_size, shift_size, x_BHWC.shape[1], x_BHWC.shape[2])
         return load_extension().window_partition(x_BHWC.contiguous(), window_size, shift_size)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_BNC: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_BNC: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         window_size, shift_size, H, W = ctx.geometry
         return load_extension().window_merge(grad_BNC.contiguous(), window_size, shift_size, H, W), None, None
 
@@ -175,14 +176,14 @@ class WindowMergeFunction(torch.autograd.Function):
     """[B * nW, N, C] -> roll by +shift -> [B, H, W, C] in one pass; backward is the partition."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, windows_BNC: torch.Tensor, window_size: int, shift_size: int, H: int,
+    def forward(ctx: Any, windows_BNC: torch.Tensor, window_size: int, shift_size: int, H: int,
                 W: int) -> torch.Tensor:
         ctx.geometry = (window_size, shift_size)
         return load_extension().window_merge(windows_BNC.contiguous(), window_size, shift_size, H, W)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_BHWC: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_BHWC: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         window_size, shift_size = ctx.geometry
         return load_extension().window_partition(grad_BHWC.contiguous(), window_size, shift_size), None, None, \
             None, None

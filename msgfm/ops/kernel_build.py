@@ -73,7 +73,7 @@ def export_cuda_home() -> str | None:
     cpp_extension = sys.modules.get("torch.utils.cpp_extension")
     if cpp_extension is not None and getattr(cpp_extension, "CUDA_HOME", None) != os.environ["CUDA_HOME"]:
         # cpp_extension resolved CUDA_HOME when it was imported; keep it consistent with the env.
-        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # type: ignore[attr-defined]
     return os.environ["CUDA_HOME"]
 
 

@@ -10,6 +10,7 @@ image, B_ = B * nW, T = (2 ws - 1)^2 bias-table rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ class AttentionCase:
            table_dtype: torch.dtype | None = None) -> AttentionCase:
         """A detached copy with qkv in ``dtype`` and the table in ``table_dtype`` (default: ``dtype``)."""
         dtype = dtype or self.qkv_BN3C.dtype
-        move = dict(device=device) if device is not None else {}
+        move: dict[str, Any] = {"device": device} if device is not None else {}
         return AttentionCase(
             qkv_BN3C=self.qkv_BN3C.detach().to(dtype=dtype, **move),
             bias_table_TH=self.bias_table_TH.detach().to(dtype=table_dtype or dtype, **move),

@@ -40,7 +40,8 @@ def relative_position_bias(bias_table_TH: torch.Tensor, rel_index_NN: torch.Tens
 def _split_heads(qkv_BN3C: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B_, N, C3 = qkv_BN3C.shape
     qkv = qkv_BN3C.reshape(B_, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
-    return qkv.unbind(0)  # each [B_, H, N, D]
+    q, k, v = qkv.unbind(0)  # each [B_, H, N, D]
+    return q, k, v
 
 
 def attention_eager(qkv_BN3C: torch.Tensor, bias_table_TH: torch.Tensor, rel_index_NN: torch.Tensor,

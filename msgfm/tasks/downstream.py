@@ -60,7 +60,8 @@ class DownstreamTask(Task):
     """Backbone + task head; subclasses define the loss, the metric and the prediction."""
 
     def __init__(self, backbone: MsGFMBackbone, task: TaskConfig, stats: Stats | None, *, method: Method,
-                 num_outputs: int, head_channels: int = 512, head_norm: str = "bn", head_dropout: float = 0.0,
+                 num_outputs: int, head_channels: int = 512, head_norm: Literal["bn", "gn"] = "bn",
+                 head_dropout: float = 0.0,
                  layernorm: str = "torch") -> None:
         super().__init__(backbone)
         self.cfg, self.stats, self.img_size = task, stats, backbone.img_size
@@ -266,15 +267,17 @@ def sliding_window(forward: Callable[[dict[str, Tensor]], Tensor], images: dict[
     H, W = next(iter(images.values())).shape[-2:]
     if (H, W) == (window, window):
         return forward(images)
-    total = count = None
-    for top in window_starts(H, window, overlap):
-        for left in window_starts(W, window, overlap):
-            crop = {s: x[..., top:top + window, left:left + window] for s, x in images.items()}
-            logits = forward(crop).float()
-            if total is None:
-                total = logits.new_zeros((*logits.shape[:2], H, W))
-                count = logits.new_zeros((1, 1, H, W))
-            total[..., top:top + window, left:left + window] += logits
-            count[..., top:top + window, left:left + window] += 1
+    tiles = [(top, left) for top in window_starts(H, window, overlap) for left in window_starts(W, window, overlap)]
+    total: Tensor | None = None
+    count = torch.zeros((1, 1, H, W))
+    for top, left in tiles:
+        crop = {s: x[..., top:top + window, left:left + window] for s, x in images.items()}
+        logits = forward(crop).float()
+        if total is None:
+            total = logits.new_zeros((*logits.shape[:2], H, W))
+            count = count.to(logits.device)
+        total[..., top:top + window, left:left + window] += logits
+        count[..., top:top + window, left:left + window] += 1
+    assert total is not None  # window_starts gives at least one tile
     return total / count
 

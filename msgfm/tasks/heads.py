@@ -155,7 +155,7 @@ class RestorationDecoder(nn.Module):
         self.up_1 = _UpBlock(widths[-1], widths[-1], widths[-1], norm)
         self.out = nn.Conv2d(widths[-1], out_channels, 1)
         nn.init.trunc_normal_(self.out.weight, std=1e-3)
-        nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(self.out.bias)  # type: ignore[arg-type]  # Conv2d(bias=True) has a bias
 
     def forward(self, features: Sequence[Tensor], image_BCHW: Tensor, base_BCHW: Tensor | None = None) -> Tensor:
         if len(features) != len(self.up) + 1:

@@ -68,6 +68,8 @@ class MultilabelMeanAP(Metric):
     """
 
     full_state_update = False
+    scores: list[Tensor]  # states registered with add_state (gathered over ranks by torchmetrics)
+    targets: list[Tensor]
 
     def __init__(self, num_labels: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import TypedDict
 
 import torch
 from deepspeed.moe.utils import is_moe_param
@@ -25,7 +26,23 @@ def _numel(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() for p in params)
 
 
-def count_parameters(cfg: RunConfig) -> dict[str, int | dict[str, int]]:
+class ParameterCounts(TypedDict):
+    """What :func:`count_parameters` returns (see there)."""
+
+    encoder_dense: int
+    encoder_shared: int
+    encoder_experts: int
+    encoder_total: int
+    encoder_active_per_token: int
+    embeddings: int
+    decoders: int
+    mask_token: int
+    model_total: int
+    model_active_per_token: int
+    per_sensor: dict[str, int]
+
+
+def count_parameters(cfg: RunConfig) -> ParameterCounts:
     """Global parameter counts of the pretraining model of ``cfg`` (works on CPU, no process group).
 
     Keys: ``encoder_shared`` (encoder parameters outside the experts, gates included),

@@ -221,8 +221,8 @@ class CrossSensorSimMIM(Task):
         for s in sensors[1:]:
             if batch[s].shape[0] != batch[first].shape[0] or batch[s].shape[-2:] != batch[first].shape[-2:]:
                 raise UserError(f"paired group '{group}': sensors must share batch size and image size, got "
-                                 f"'{first}' {list(batch[first].shape)} and '{s}' {list(batch[s].shape)}")
-        B, H, W = batch[first].shape[0], *batch[first].shape[-2:]
+                                f"'{first}' {list(batch[first].shape)} and '{s}' {list(batch[s].shape)}")
+        B, H, W = batch[first].shape[0], batch[first].shape[-2], batch[first].shape[-1]
         grid = [B, H // self.patch_size, W // self.patch_size]
         if masks is not None:
             for s in sensors:

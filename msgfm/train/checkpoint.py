@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import deepspeed.comm as dist
 import numpy as np
 import torch
 
@@ -128,16 +129,12 @@ def remove_partial(root: Path) -> list[Path]:
 
 
 def _barrier() -> None:
-    import deepspeed.comm as dist
-
     dist.barrier()
 
 
 def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
          keep_last: int) -> Path:
     """Save a complete checkpoint for ``step`` on every rank; returns its folder. Collective."""
-    import deepspeed.comm as dist
-
     rank = dist.get_rank()
     tag = tag_for(step)
     tmp_tag = f".tmp-{tag}"
@@ -166,8 +163,6 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], rank_
 
 def load(engine: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore model, optimizer and loss scale from ``path``; returns (client_state, this rank's state)."""
-    import deepspeed.comm as dist
-
     meta = json.loads((path / COMPLETE).read_text())
     world = dist.get_world_size()
     if meta["world_size"] != world:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import deepspeed
 import torch
 
 from msgfm.tasks.base import Task
@@ -14,8 +15,6 @@ def build_engine(task: Task, optimizer: torch.optim.Optimizer, ds_config: dict[s
                  rank: int) -> Any:
     """``deepspeed.initialize`` over the task (process group already up); then every rank reseeds with its
     own seed, so masks, target choices, drop path and MoE token selection differ between ranks."""
-    import deepspeed
-
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)
     seed_everything(seed + 1000 * rank)

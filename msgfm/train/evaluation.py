@@ -7,9 +7,10 @@ fixed list of metric names (a rank may see no cross or self rows in its batches)
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from typing import TYPE_CHECKING, Any
 
+import deepspeed.comm as dist
 import torch
 
 from msgfm.train import checkpoint as ckpt
@@ -32,8 +33,6 @@ class HeldOutLoss:
 
     @torch.no_grad()
     def __call__(self, trainer: Trainer, epoch: int) -> dict[str, float]:
-        import deepspeed.comm as dist
-
         engine, task, device = trainer.engine, trainer.task, trainer.device
         # validation draws masks too: keep it from shifting the training RNG streams (exact resume)
         rng = ckpt.rng_state()
@@ -41,7 +40,7 @@ class HeldOutLoss:
         results: dict[str, float] = {}
         for group, batches in self.batches.items():
             limit = self.max_batches
-            local = len(batches) if hasattr(batches, "__len__") else (limit or 0)
+            local = len(batches) if isinstance(batches, Sized) else (limit or 0)
             count = torch.tensor([min(local, limit) if limit else local], dtype=torch.long, device=device)
             dist.all_reduce(count, op=dist.ReduceOp.MIN)
             n = int(count.item())

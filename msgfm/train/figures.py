@@ -39,7 +39,7 @@ def figure_cases(out: dict[str, Any], images: dict[str, torch.Tensor]) -> list[d
 
 def _stretch(x_CHW: np.ndarray, low: np.ndarray | None = None, high: np.ndarray | None = None,
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if low is None:
+    if low is None or high is None:
         low = np.percentile(x_CHW, 2, axis=(1, 2), keepdims=True)
         high = np.percentile(x_CHW, 98, axis=(1, 2), keepdims=True)
     out = np.clip((x_CHW - low) / np.maximum(high - low, 1e-6), 0, 1)

@@ -8,6 +8,7 @@ figure steps, and at a logging step prints a progress line and sends the interva
 """
 from __future__ import annotations
 
+import functools
 import resource
 import time
 from collections import defaultdict
@@ -153,6 +154,6 @@ class StepObserver:
         fig_dir = self.output_dir / "figures"
         for group, cases in self.figure_cases.items():
             path = fig_dir / f"recon_{group}_step{step:08d}.png"
-            self.tracker.log_artifact(lambda c=cases, p=path, g=group, s=step: save_reconstruction_figure(c, g, p, s),
+            self.tracker.log_artifact(functools.partial(save_reconstruction_figure, cases, group, path, step),
                                       "figures")
         self.figure_cases = {}

@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
 from msgfm.config import OptimizerConfig
@@ -28,16 +29,16 @@ log = logging.getLogger(__name__)
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay / no-decay groups, with MoE expert parameters split into their own groups."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    no_weight_decay = getattr(model, "no_weight_decay", None)
+    skip = set(no_weight_decay()) if callable(no_weight_decay) else set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (no_decay if name in skip or param.ndim <= 1 else decay).append(param)
     groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
     groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return [g for g in groups if g["params"]]
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import deepspeed.comm as dist
 import torch
 
 from msgfm.config import RunConfig, load_config, save_config
@@ -54,8 +55,6 @@ def pretrain(config: str, overrides: Sequence[str], ds_config_path: str, data_ro
     if fixed is None:
         dsc.check_ds_config(ds_config, ds_name, plan.batch_sizes, env_world)
 
-    import deepspeed.comm as dist
-
     rank, _ = init_process_group(on_gpu)
     out = Path(output_dir)
     ckpt.prepare_run_folder(out, rank)
@@ -77,8 +76,6 @@ def pretrain(config: str, overrides: Sequence[str], ds_config_path: str, data_ro
 def build_trainer(cfg: RunConfig, ds_config: dict[str, Any], plan: DataPlan, out: Path,
                   tracking: bool = True) -> Trainer:
     """Task, data, optimizer, DeepSpeed engine and schedule of one rank (process group already up)."""
-    import deepspeed.comm as dist
-
     rank, world = dist.get_rank(), dist.get_world_size()
     seed = cfg.train.seed
     seed_everything(seed)  # identical initial weights on every rank

@@ -13,6 +13,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import deepspeed
+import deepspeed.comm as dist
+import deepspeed.ops
 import numpy as np
 import torch
 
@@ -31,8 +34,6 @@ def skip_cpu_shm_comm_op() -> None:
     2-core machine, and concurrent builds into the shared torch_extensions cache wait on each
     other's lock file. DeepSpeed caches the op table in ``deepspeed.ops``, so the entry sticks.
     """
-    import deepspeed.ops
-
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
@@ -51,9 +52,6 @@ def init_process_group(on_gpu: bool) -> tuple[int, int]:
     ``python launchers/...`` run becomes a one-process group (DeepSpeed would otherwise try
     MPI discovery and fail without mpi4py).
     """
-    import deepspeed
-    import deepspeed.comm as dist
-
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -66,6 +64,17 @@ def init_process_group(on_gpu: bool) -> tuple[int, int]:
         share_cpu_threads()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
     return dist.get_rank(), dist.get_world_size()
+
+
+# What a launcher sets for its ranks: a child that is its own one-process job must not inherit them.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                      "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
+
+
+def own_job_environment(**extra: str) -> dict[str, str]:
+    """The environment minus the launcher's rank variables (plus ``extra``), for a child
+    process that starts its own process group (it then picks a free port of its own)."""
+    return {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}, **extra}
 
 
 def git_commit() -> str:

@@ -79,7 +79,7 @@ class Tracker:
         self._queue.put(lambda: self._start(run_name, params, tags, artifacts, run_id))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.active:
+        if not self.active or self._metrics_file is None:
             return
         self._metrics_file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self._metrics_file.flush()
@@ -100,7 +100,8 @@ class Tracker:
         if self._thread.is_alive():
             print(f"msgfm: MLflow did not finish within {timeout_s:.0f} s; the rest of its queue is dropped "
                   f"(metrics are in {self.output_dir / 'metrics.jsonl'})", flush=True)
-        self._metrics_file.close()
+        if self._metrics_file is not None:
+            self._metrics_file.close()
 
     # -- tracking thread ---------------------------------------------------------------------
 

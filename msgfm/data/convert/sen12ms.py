@@ -49,6 +49,7 @@ def find_pairs(root: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str
 
 def _patch_id(s1: Path) -> str:
     match = S1_NAME.fullmatch(s1.name)
+    assert match is not None, f"{s1} was listed by S1_NAME"
     return f"{match['roi']}_{match['scene']}_p{match['patch']}"
 
 

@@ -53,7 +53,9 @@ def find_pairs(root: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str
     """(PAN, MS) files of the SpaceNet layout PAN/PAN_<key>.tif + MUL/MUL_<key>.tif."""
     pairs, skipped = [], []
     for ms in sorted((root / "MUL").glob("MUL_*.tif")):
-        pan = root / "PAN" / f"PAN_{_MUL.fullmatch(ms.name)['key']}.tif"
+        match = _MUL.fullmatch(ms.name)
+        assert match is not None, f"{ms} was listed by the glob MUL_*.tif"
+        pan = root / "PAN" / f"PAN_{match['key']}.tif"
         if pan.is_file():
             pairs.append((pan, ms))
         else:
@@ -157,7 +159,7 @@ def load_buildings(item: tuple[Path, Path], *, size: int, stride: int) -> LoadRe
                       images={PAN_SENSOR: pan_HW[None, r:r + size, c:c + size]},
                       labels={"segmentation": classes_HW[r:r + size, c:c + size]},
                       georef=grid_georef(crs, transform, r, c))
-               for r, c in tile_offsets(*pan_HW.shape, size, stride)]
+               for r, c in tile_offsets(pan_HW.shape[0], pan_HW.shape[1], size, stride)]
     return LoadResult(samples=samples)
 
 
