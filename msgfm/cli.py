@@ -14,12 +14,14 @@ COMMANDS = {
     "stats": "msgfm.data.stats",
     "inspect": "msgfm.data.inspect",
     "prepare-sample": "msgfm.data.sample",
+    "verify": "msgfm.runfolder.verify",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msgfm", description="msGFM data tools: convert rasters to HDF5 "
-                                     "shards, compute band statistics, inspect shards, build the sample data.")
+    parser = argparse.ArgumentParser(prog="msgfm", description="msGFM tools: convert rasters to HDF5 shards, "
+                                     "compute band statistics, inspect shards, build the sample data; verify a "
+                                     "run's checkpoints.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMANDS.values():

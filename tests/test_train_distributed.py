@@ -170,7 +170,13 @@ def test_checkpoints_published_atomically_and_pruned(runs):
     assert (root / "latest").read_text() == "step00000012"
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
     meta = json.loads((root / "step00000012" / "COMPLETE").read_text())
-    assert meta == {"step": 12, "world_size": 2, "tag": "step00000012"}
+    assert {k: meta[k] for k in ("step", "world_size", "tag")} == {"step": 12, "world_size": 2, "tag": "step00000012"}
+    # the manifest names every file both ranks wrote (each rank its own expert shards and ZeRO partition)
+    files = meta["files"]
+    assert sorted(files) == sorted(p.name for p in (root / "step00000012").iterdir() if p.name != "COMPLETE")
+    assert {files[f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"]["rank"] for r in (0, 1)} == {0, 1}
+    assert {files[ckpt.rank_file(r)]["rank"] for r in (0, 1)} == {0, 1}
+    assert ckpt.verify(root / "step00000012").ok
     for rank in (0, 1):
         state = torch.load(root / "step00000012" / ckpt.rank_file(rank), weights_only=False)
         assert state["data"]["step"] == 12 and {"python", "numpy", "torch"} <= set(state["rng"])

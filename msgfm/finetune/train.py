@@ -131,7 +131,7 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
         removed = ckpt.remove_partial(out / "checkpoints")
         if removed:
             print(f"removed partial checkpoint(s) of an interrupted save: {[p.name for p in removed]}", flush=True)
-    latest = ckpt.find_latest(out / "checkpoints")
+    latest = ckpt.find_resumable(out / "checkpoints")
     if latest is not None:
         client, _ = ckpt.load(engine, latest)
         state.update(client.get("msgfm", {}).get("state", {}))

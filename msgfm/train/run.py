@@ -135,7 +135,7 @@ def pretrain(config: str, overrides: Sequence[str], ds_config_path: str, data_ro
                   f"{[p.name for p in removed]}", flush=True)
     dist.barrier()
     trainer = build_trainer(cfg, ds_config, root, out)
-    latest = ckpt.find_latest(out / "checkpoints")
+    latest = ckpt.find_resumable(out / "checkpoints")
     if latest is not None:
         trainer.resume(latest)
     start_tracking(trainer, resumed=latest is not None)
