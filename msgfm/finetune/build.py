@@ -24,6 +24,7 @@ from msgfm.finetune.transfer import (BIAS_TABLE, ENCODER_PREFIX, TransferError, 
                                      adapt_encoder_state, embedding_sensor, interpolate_bias_table, sensor_embeddings,
                                      stack_embeddings)
 from msgfm.sensors import get_sensor
+from msgfm.train.safe_load import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +118,7 @@ def timm_as_pretrain_state(cfg: FinetuneConfig, weights: str | Path) -> dict[str
     if not path.is_file():
         raise FileNotFoundError(f"transfer.timm_weights: no file at {path}; save a timm SwinTransformer's "
                                 f"state_dict() there (torch.save) or give a .safetensors file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        timm_state = load_file(str(path))
-    else:
-        timm_state = torch.load(path, map_location="cpu", weights_only=True)
+    timm_state = load_weights(path, "timm weights")  # safetensors, or a torch file loaded as data only
     model_tree = dataclasses.asdict(cfg.model)
     model_tree["sensors"] = [sensor]
     model_tree["moe"]["enabled"] = False

@@ -39,6 +39,7 @@ from msgfm.finetune.tasks import build_task
 from msgfm.train import checkpoint as ckpt
 from msgfm.train import ds_config as dsc
 from msgfm.train.run import git_commit, init_process_group, seed_everything
+from msgfm.train.safe_load import load_weights
 from msgfm.train.schedule import LRSchedule
 from msgfm.train.tracking import Tracker
 
@@ -258,7 +259,7 @@ def _fine_tuned_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir() and (path / "best" / "model.pt").is_file():
         path = path / "best" / "model.pt"
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights(path, "fine-tuned weights")
     return ckpt.load_model_state_dict(path)  # a DeepSpeed checkpoint folder of a fine-tuning run
 
 

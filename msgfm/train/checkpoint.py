@@ -37,6 +37,7 @@ import torch
 
 from msgfm.train.manifest import (CHECKSUM, COMPLETE, MANIFEST_FORMAT, Verdict, all_files, describe_files,
                                   fsync_dir, verify, write_durable)
+from msgfm.train.safe_load import load_weights
 from msgfm.train.save_guard import CheckpointError, WriteFailure, disk_full_reason, rank_file, write_rank_files
 
 TAG_RE = re.compile(r"^step(\d{8})$")
@@ -304,7 +305,7 @@ def load(engine: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Weights for fine-tuning, without a process group, verified
+# Weights for fine-tuning, without a process group: data only, verified
 
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -364,7 +365,7 @@ def _remember(asked: Path, found: Path, verdict: Verdict) -> Path:
 
 
 def _model_states(path: Path) -> dict[str, Any]:
-    main = torch.load(path / MODEL_STATES, map_location="cpu", weights_only=False)
+    main = load_weights(path / MODEL_STATES, "pretrained weights")
     if not isinstance(main, dict) or "module" not in main:
         raise ValueError(f"{path / MODEL_STATES}: not a DeepSpeed model-states file (no 'module' entry)")
     return main
@@ -373,12 +374,13 @@ def _model_states(path: Path) -> dict[str, Any]:
 def load_model_state_dict(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     """The whole model's state dict (dense weights and every expert) from a checkpoint written by any
     number of ranks and any expert-parallel size. Expert keys carry global expert ids, i.e. they load
-    into a model built with ``expert_parallel_size=1`` (all experts local)."""
+    into a model built with ``expert_parallel_size=1`` (all experts local). Loaded as data only
+    (msgfm/train/safe_load.py): a folder from elsewhere cannot run code."""
     path = resolve_checkpoint_dir(ckpt_dir)
     state = dict(_model_states(path)["module"])
     for file in sorted(path.iterdir()):
         if EXPERT_FILE_RE.match(file.name):
-            state.update(torch.load(file, map_location="cpu", weights_only=False))
+            state.update(load_weights(file, "pretrained expert weights"))
     return state
 
 
