@@ -140,7 +140,7 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
             print(f"resumed from {latest} at epoch {state['epoch']} (step {state['step']})", flush=True)
     if rank == 0:
         _start_tracking(cfg, tracker, out, ds_config, report, opt_name, world, len(train_set), steps_per_epoch,
-                        total_steps, resumed=latest is not None)
+                        total_steps, resumed=latest is not None, resume_step=state["step"])
 
     dtype = torch.half if engine.fp16_enabled() else (torch.bfloat16 if engine.bfloat16_enabled() else None)
     device = engine.device
@@ -312,7 +312,7 @@ def _evaluate_only(cfg, model, task, root, stats, out, rank, world, resize) -> i
 
 
 def _start_tracking(cfg, tracker, out, ds_config, report, opt_name, world, num_train, steps_per_epoch, total_steps,
-                    resumed: bool) -> None:
+                    resumed: bool, resume_step: int) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     save_finetune_config(cfg, out / "config.yaml")
@@ -331,7 +331,8 @@ def _start_tracking(cfg, tracker, out, ds_config, report, opt_name, world, num_t
                                                                 "total_steps": total_steps, "optimizer": opt_name}},
                   tags={"git_commit": git_commit(), "world_size": str(world), "task": cfg.task.name},
                   artifacts=artifacts,
-                  resume_run_id=run_id_file.read_text().strip() if resumed and run_id_file.is_file() else None)
+                  resume_run_id=run_id_file.read_text().strip() if resumed and run_id_file.is_file() else None,
+                  resume_step=resume_step)
     print(f"msgfm fine-tuning: {cfg.name}, task {cfg.task.name} ({cfg.task.kind}), sensors {cfg.task.sensors}, "
           f"method {cfg.transfer.method}, {num_train} training samples, {steps_per_epoch} steps/epoch, "
           f"{total_steps} steps, {world} rank(s)", flush=True)

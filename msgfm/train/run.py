@@ -201,7 +201,7 @@ def start_tracking(trainer: "Trainer", resumed: bool) -> None:
               "host": socket.gethostname(), "precision": dsc.precision(ds_config)},
         artifacts={"config": out / "config.yaml", "config/ds": out / "ds_config.json",
                    "config/stats": out / "stats.json"},
-        resume_run_id=run_id)
+        resume_run_id=run_id, resume_step=trainer.step)
     print(f"msgfm pretraining: {cfg.name}, {trainer.world_size} rank(s), {dsc.precision(ds_config)}, ZeRO-"
           f"{dsc.zero_stage(ds_config)}, groups {data.batch_sizes} per GPU, LRs {trainer.base_lrs}, "
           f"{data.train.steps_per_epoch} steps/epoch, {trainer.total_steps} steps", flush=True)
