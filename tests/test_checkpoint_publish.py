@@ -18,7 +18,7 @@ import pytest
 
 from fake_dist import FakeEngine, ThreadGroup
 from msgfm.train import checkpoint as ckpt
-from msgfm.train import save_guard
+from msgfm.train import manifest, save_guard
 from msgfm.train.manifest import all_files, read_manifest, verify
 
 STEP2, STEP4 = ckpt.tag_for(2), ckpt.tag_for(4)
@@ -43,7 +43,7 @@ def world(monkeypatch, tmp_path):
     """A 2-rank thread group standing in for deepspeed.comm, with the filesystem steps logged and checked."""
     root = tmp_path / "checkpoints"
     state = {"group": ThreadGroup(2), "violations": [], "kill_at": None, "ops": 0}
-    real_replace, real_fsync, real_write = os.replace, os.fsync, ckpt.write_durable
+    real_replace, real_fsync, real_write = os.replace, os.fsync, manifest.write_durable
 
     def step(kind: str, detail: object) -> None:
         group = state["group"]
@@ -68,7 +68,7 @@ def world(monkeypatch, tmp_path):
     monkeypatch.setattr(ckpt, "_comm", lambda: state["group"])
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(ckpt, "write_durable", write_durable)
+    monkeypatch.setattr(manifest, "write_durable", write_durable)
     state["root"] = root
     return state
 

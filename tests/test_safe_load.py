@@ -91,9 +91,8 @@ def test_fine_tuned_and_timm_weights_with_code_are_refused(tmp_path):
 
 
 def test_plain_weights_and_safetensors_load(tmp_path):
-    from safetensors.torch import save_file
-
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from safetensors.torch import save_file
 
     state = {"w": torch.arange(4.0), "b": torch.ones(2)}
     torch.save(state, tmp_path / "a.pt")
@@ -117,7 +116,6 @@ def test_plain_weights_and_safetensors_load(tmp_path):
 def test_finetune_launcher_refuses_in_one_line_and_nothing_runs(tmp_path):
     """The real entry point, as a user runs it: --pretrained pointing at a folder someone sent."""
     from fixtures.make_vaihingen import write_vaihingen
-
     from msgfm.data.convert import run as convert
     from msgfm.data.stats import write_stats
 

@@ -89,7 +89,8 @@ def _send_metrics(client: Any, run_id: str, run_dir: Path) -> tuple[int, int]:
             name = metric_name(key)
             wanted.setdefault(name, {}).setdefault(row["step"], Metric(name, float(value), stamp, row["step"]))
     present_keys = set(client.get_run(run_id).data.metrics)
-    batch, present = [], 0
+    batch: list[Metric] = []
+    present = 0
     for name, by_step in wanted.items():
         have = {m.step for m in client.get_metric_history(run_id, name)} if name in present_keys else set()
         present += sum(step in have for step in by_step)
@@ -122,7 +123,8 @@ def sync(run_dir: Path, uri: str | None = None, experiment: str | None = None) -
         raise FileNotFoundError(f"{run_dir}: not an msgfm run folder (no metrics.jsonl or config.yaml); pass the "
                                 f"--output-dir of a run")
     config = _run_config(run_dir)
-    tracking = config.get("tracking") if isinstance(config.get("tracking"), dict) else {}
+    found = config.get("tracking")
+    tracking: dict[str, Any] = found if isinstance(found, dict) else {}
     experiment = experiment or tracking.get("experiment") or "msgfm"
     uri = uri or tracking_uri(TrackingConfig(experiment=experiment, tracking_uri=tracking.get("tracking_uri")),
                               run_dir)
@@ -151,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``msgfm track-sync``."""
     p = subparsers.add_parser("track-sync", help="replay a run's metrics.jsonl, figures and configs into MLflow",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

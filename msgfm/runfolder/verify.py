@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     return verify_run(args.run_dir, sizes_only=args.sizes_only)
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``msgfm verify``."""
     p = subparsers.add_parser("verify", help="check a run folder's checkpoints against their manifests",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from msgfm.train.manifest import (CHECKSUM, COMPLETE, MANIFEST_FORMAT, Verdict, all_files, describe_files,
-                                  fsync_dir, verify, write_durable)
+from msgfm.train import manifest
+from msgfm.train.manifest import COMPLETE, Verdict, verify
 from msgfm.train.safe_load import load_weights
 from msgfm.train.save_guard import CheckpointError, WriteFailure, disk_full_reason, rank_file, write_rank_files
 
@@ -172,10 +172,11 @@ def find_resumable(root: Path) -> Path | None:
     rank, world = dist.get_rank(), dist.get_world_size()
     listing: list[Any] = [None]
     if rank == 0:  # one list for all ranks, newest first
-        names = [p.name for p in reversed(complete_checkpoints(root))] if root.is_dir() else []
-        listing[0] = (names, bool(rejected_checkpoints(root)))
+        newest_first = [p.name for p in reversed(complete_checkpoints(root))] if root.is_dir() else []
+        listing[0] = (newest_first, bool(rejected_checkpoints(root)))
     dist.broadcast_object_list(listing, src=0)
-    names, rejected = listing[0]
+    names: list[str] = listing[0][0]
+    rejected: bool = listing[0][1]
     for name in names:
         path = root / name
         problem, verifiable = _first_problem(dist, verify(path, rank, world))
@@ -191,8 +192,8 @@ def find_resumable(root: Path) -> Path | None:
                   f"trying the previous one", flush=True)
         dist.barrier()  # the rename is done before any rank looks again
     if rejected:
-        aside = ", ".join(p.name for p in rejected_checkpoints(root))
-        raise CheckpointError(f"no checkpoint in {root} verifies (set aside: {aside}; "
+        names_aside = ", ".join(p.name for p in rejected_checkpoints(root))
+        raise CheckpointError(f"no checkpoint in {root} verifies (set aside: {names_aside}; "
                               f"`msgfm verify {root}` shows why); relaunch with a new --output-dir, or move "
                               f"{root} away to start this run afresh")
     return None
@@ -224,20 +225,20 @@ def _raise_save_failure(failure: WriteFailure, root: Path, tag: str,
 def _publish(root: Path, tmp: Path, final: Path, step: int, world: int, files: dict[str, Any],
              keep_last: int) -> None:
     """Rank 0, once every rank's files are on disk: manifest, rename, ``latest``, pruning."""
-    unclaimed = [name for name in all_files(tmp) if name not in files]  # e.g. DeepSpeed's recovery scripts
-    files.update(describe_files(tmp, unclaimed, rank=0))
-    meta = {"step": step, "world_size": world, "tag": final.name, "format": MANIFEST_FORMAT, "checksum": CHECKSUM,
-            "files": dict(sorted(files.items()))}
-    write_durable(tmp / COMPLETE, json.dumps(meta, indent=1))
-    fsync_dir(tmp)
+    unclaimed = [name for name in manifest.all_files(tmp) if name not in files]  # e.g. DeepSpeed's recovery scripts
+    files.update(manifest.describe_files(tmp, unclaimed, rank=0))
+    meta = {"step": step, "world_size": world, "tag": final.name, "format": manifest.MANIFEST_FORMAT,
+            "checksum": manifest.CHECKSUM, "files": dict(sorted(files.items()))}
+    manifest.write_durable(tmp / COMPLETE, json.dumps(meta, indent=1))
+    manifest.fsync_dir(tmp)
     if final.exists():  # re-saving a step after a resume: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    fsync_dir(root)
+    manifest.fsync_dir(root)
     pointer_tmp = root / f".{LATEST}.tmp"
-    write_durable(pointer_tmp, final.name)
+    manifest.write_durable(pointer_tmp, final.name)
     os.replace(pointer_tmp, root / LATEST)  # only after the rename: `latest` never names a missing folder
-    fsync_dir(root)
+    manifest.fsync_dir(root)
     for old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -268,9 +269,9 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], rank_
         _raise_save_failure(failures[0], root, tag, own_error if failures[0].rank == rank else None)
     outcome: list[Any] = [None]
     if rank == 0:
-        manifest = {name: entry for rank_files, _ in reports for name, entry in rank_files.items()}
+        entries = {name: entry for rank_files, _ in reports for name, entry in rank_files.items()}
         try:
-            _publish(root, tmp, final, step, world, manifest, keep_last)
+            _publish(root, tmp, final, step, world, entries, keep_last)
         except Exception as err:  # tell the other ranks, who wait below, before stopping
             own_error = err
             outcome[0] = WriteFailure(0, COMPLETE, f"{type(err).__name__}: {err}", disk_full_reason(err, root),

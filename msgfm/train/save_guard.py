@@ -138,7 +138,7 @@ def write_rank_files(dist: Any, engine: Any, root: Path, tmp: Path, client_state
             return describe_files(tmp, writes.written, rank), None, None  # fsync + CRC of what this rank wrote
         except Exception as err:
             writes.failed = (rank_file(rank), err)
-    file, err = writes.failed
-    failure = WriteFailure(rank, file, f"{type(err).__name__}: {err}", disk_full_reason(err, tmp),
-                            isinstance(err, OSError))
-    return {}, failure, err
+    file, error = writes.failed
+    failure = WriteFailure(rank, file, f"{type(error).__name__}: {error}", disk_full_reason(error, tmp),
+                           isinstance(error, OSError))
+    return {}, failure, error

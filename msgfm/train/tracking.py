@@ -133,7 +133,7 @@ def create_run(client: Any, uri: str, output_dir: Path, experiment: str, run_nam
         experiment_id = client.create_experiment(experiment, artifact_location=location)
     else:
         experiment_id = found.experiment_id
-    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    run_id: str = client.create_run(experiment_id, run_name=run_name).info.run_id
     (output_dir / "mlflow_run_id").write_text(run_id)
     flat = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
     for i in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
