@@ -55,20 +55,20 @@ def table(folder: Path, sizes_only: bool) -> tuple[str, list[str]]:
         return "unverifiable", ["  COMPLETE lists no files (written before manifests): cannot be verified; "
                                 "a relaunch loads it with a warning"]
     width = max([len(n) for n in files] + [4])
-    lines = [f"  {'file':<{width}}  {'size':>10}  {'crc32':>8}  status"]
+    lines = [f"  {'file':<{width}}  {'size':>10}  {'crc32':>8}  status (against the manifest)"]
     damaged = False
     for name in sorted(files):
-        entry = files[name]
-        problem = check_file(folder, name, entry, checksum=not sizes_only)
-        status = "ok" if problem is None else problem.why
+        path = folder / name
+        problem = check_file(folder, name, files[name], checksum=not sizes_only)
         damaged |= problem is not None
-        shown_crc = entry[CHECKSUM]
-        if problem is not None and (folder / name).is_file() and not sizes_only:
+        size = _size(path.stat().st_size) if path.is_file() else "-"
+        crc = "-" if sizes_only or not path.is_file() else files[name][CHECKSUM]
+        if problem is not None and crc != "-":  # show what is on disk now
             try:
-                shown_crc = file_checksum(folder / name)[1]
+                crc = file_checksum(path)[1]
             except OSError:
-                shown_crc = "?"
-        lines.append(f"  {name:<{width}}  {_size(entry['size']):>10}  {shown_crc:>8}  {status}")
+                crc = "?"
+        lines.append(f"  {name:<{width}}  {size:>10}  {crc:>8}  {'ok' if problem is None else problem.why}")
     return ("damaged" if damaged else "ok"), lines
 
 
