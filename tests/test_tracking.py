@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from msgfm.config import TrackingConfig
-from msgfm.train.tracking import Tracker, flatten, read_metrics, tracking_uri, truncate_metrics
+from msgfm.train.tracking import Tracker, flatten, probe_server, read_metrics, tracking_uri, truncate_metrics
 from test_train_support import REPO
 
 TRACKER_SCRIPT = """
@@ -67,6 +67,28 @@ def test_dead_server_is_one_line_and_a_bounded_exit(tmp_path, monkeypatch, serve
     assert len(lines) == 1 and f"{uri} is unreachable" in lines[0], proc.stdout
     assert f"msgfm track-sync {tmp_path}" in lines[0] and "Traceback" not in proc.stdout + proc.stderr
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_probe_counts_any_answer_as_reachable():
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Forbidden(BaseHTTPRequestHandler):  # a proxy or an authenticating server
+        def do_GET(self) -> None:
+            self.send_response(403)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Forbidden)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert probe_server(f"http://127.0.0.1:{server.server_port}") is None
+    finally:
+        server.shutdown()
+    assert "ConnectionRefusedError" in probe_server(refused_uri())
+    with silent_server() as uri:
+        assert "timed out" in probe_server(uri, timeout_s=0.5)
 
 
 def test_close_waits_at_most_its_timeout_and_still_writes_figures(tmp_path, capsys):

@@ -67,6 +67,7 @@ def is_http(uri: str) -> bool:
 
 def probe_server(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """None when the HTTP tracking server at ``uri`` answers at all (any status), else why not."""
+    import ssl
     import urllib.error
     import urllib.request
 
@@ -77,6 +78,8 @@ def probe_server(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
         return None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLError):  # it answered; MLflow has its own certificate settings
+            return None
         return f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
 
 
