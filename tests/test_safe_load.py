@@ -17,7 +17,7 @@ import torch
 
 from msgfm.train import checkpoint as ckpt
 from msgfm.train.safe_load import UnsafeCheckpointError, load_weights
-from test_train_support import REPO
+from test_train_support import REPO, child_env
 
 
 class Payload:
@@ -128,7 +128,7 @@ def test_finetune_launcher_refuses_in_one_line_and_nothing_runs(tmp_path):
         [sys.executable, "launchers/finetune.py", "--deepspeed_config", "ds_configs/cpu.json", "--task", "vaihingen",
          "--config", "ft_vaihingen_tiny", "--pretrained", str(run), "--data-root", str(tmp_path / "shards"),
          "--output-dir", str(tmp_path / "out"), "transfer.init=pretrained", "tracking.enabled=false"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=child_env())
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("finetune: error:")]

@@ -19,7 +19,7 @@ import pytest
 
 from msgfm.config import TrackingConfig
 from msgfm.train.tracking import Tracker, flatten, probe_server, read_metrics, tracking_uri, truncate_metrics
-from test_train_support import REPO
+from test_train_support import REPO, child_env
 
 TRACKER_SCRIPT = """
 import sys
@@ -53,15 +53,12 @@ def refused_uri() -> str:
 
 
 @pytest.mark.parametrize("server", ["silent", "refused"])
-def test_dead_server_is_one_line_and_a_bounded_exit(tmp_path, monkeypatch, server):
+def test_dead_server_is_one_line_and_a_bounded_exit(tmp_path, server):
     """As a real process: MLflow's defaults (7 retries of 120 s) would hold the exit for minutes."""
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with silent_server() as silent:
         uri = silent if server == "silent" else refused_uri()
         proc = subprocess.run([sys.executable, "-c", TRACKER_SCRIPT, uri, str(tmp_path)], cwd=REPO,
-                              capture_output=True, text=True, timeout=90)
+                              capture_output=True, text=True, timeout=90, env=child_env(drop_prefixes=("MLFLOW_",)))
     assert proc.returncode == 0 and "closed" in proc.stdout, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("msgfm: MLflow")]
     assert len(lines) == 1 and f"{uri} is unreachable" in lines[0], proc.stdout
@@ -175,8 +172,12 @@ def test_track_sync_replays_once(tmp_path, monkeypatch, capsys):
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [1, 2, 3, 4]
 
 
-def test_track_sync_errors_are_one_line(tmp_path, capsys):
+def test_track_sync_errors_are_one_line(tmp_path, monkeypatch, capsys):
     from msgfm.cli import main as msgfm_main
+    from msgfm.train.tracking import HTTP_DEFAULTS
+
+    for name in HTTP_DEFAULTS:  # the sync sets them in this process: undone after the test
+        monkeypatch.delenv(name, raising=False)
 
     assert msgfm_main(["track-sync", str(tmp_path)]) == 2
     assert "not an msgfm run folder" in capsys.readouterr().err
@@ -201,16 +202,15 @@ def test_flatten():
 def test_pretraining_with_a_dead_server_then_track_sync(tmp_path, monkeypatch):
     """The whole story as a user lives it: the server is down, training runs and exits promptly, the
     metrics, figures and configs reach MLflow later with `msgfm track-sync`."""
-    import os
     import time
 
     from mlflow import MlflowClient
 
-    from test_train_support import write_tiny_run
+    from test_train_support import child_env, write_tiny_run
 
     folder = write_tiny_run(tmp_path, samples_per_group=12)
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = child_env(drop_prefixes=("MLFLOW_",))
     with silent_server() as uri:
         cmd = [sys.executable, "launchers/pretrain.py", "--deepspeed_config", str(folder / "ds_tiny.json"),
                "--config", str(folder / "tiny.yaml"), "--output-dir", str(out), "train.max_steps=2",

@@ -67,3 +67,16 @@ def write_tiny_run(folder: Path, samples_per_group: int) -> Path:
     write_tiny_config(folder, folder / "data")
     write_tiny_ds_config(folder)
     return folder
+
+
+# set in this process by the single_rank_dist fixture: a child process must start its own group
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(drop_prefixes: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """This process's environment for a plain ``python launchers/...`` child: without the process-group
+    variables (and names starting with ``drop_prefixes``), plus ``extra``."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith(drop_prefixes or ("\0",))}
+    return {**env, **extra}

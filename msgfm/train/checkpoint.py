@@ -43,6 +43,8 @@ from msgfm.train.save_guard import CheckpointError, WriteFailure, disk_full_reas
 TAG_RE = re.compile(r"^step(\d{8})$")
 LATEST = "latest"
 REJECTED_PREFIX = ".rejected-"
+
+
 def tag_for(step: int) -> str:
     """The folder name of the checkpoint of ``step``."""
     return f"step{step:08d}"
