@@ -17,12 +17,15 @@ COMMANDS = {
     "inspect": "msgfm.data.inspect",
     "prepare-sample": "msgfm.data.sample",
     "doctor": "msgfm.doctor",
+    "verify": "msgfm.runfolder.verify",
+    "track-sync": "msgfm.runfolder.track_sync",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msgfm", description="msGFM data tools: convert rasters to HDF5 "
-                                     "shards, compute band statistics, inspect shards, build the sample data.")
+    parser = argparse.ArgumentParser(prog="msgfm", description="msGFM tools: convert rasters to HDF5 shards, "
+                                     "compute band statistics, inspect shards, build the sample data; verify a "
+                                     "run's checkpoints, replay its tracking into MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMANDS.values():

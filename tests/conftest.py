@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -19,17 +20,19 @@ def single_rank_dist():
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
         import deepspeed
 
         from msgfm.train.runtime import skip_cpu_shm_comm_op
 
         skip_cpu_shm_comm_op()  # else DeepSpeed JIT-builds an op the tests never use (~40-100 s)
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        # rank, world size and a free port passed directly, not through RANK/MASTER_PORT: child processes
+        # the tests start would inherit those and try to join this group's (busy) port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
+                                   init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield dist
 
 

@@ -178,7 +178,13 @@ def test_checkpoints_published_atomically_and_pruned(runs):
     assert (root / "latest").read_text() == "step00000012"
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
     meta = json.loads((root / "step00000012" / "COMPLETE").read_text())
-    assert meta == {"step": 12, "world_size": 2, "tag": "step00000012"}
+    assert {k: meta[k] for k in ("step", "world_size", "tag")} == {"step": 12, "world_size": 2, "tag": "step00000012"}
+    # the manifest names every file both ranks wrote (each rank its own expert shards and ZeRO partition)
+    files = meta["files"]
+    assert sorted(files) == sorted(p.name for p in (root / "step00000012").iterdir() if p.name != "COMPLETE")
+    assert {files[f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"]["rank"] for r in (0, 1)} == {0, 1}
+    assert {files[ckpt.rank_file(r)]["rank"] for r in (0, 1)} == {0, 1}
+    assert ckpt.verify(root / "step00000012").ok
     for rank in (0, 1):
         state = torch.load(root / "step00000012" / ckpt.rank_file(rank), weights_only=False)
         assert state["data"]["step"] == 12 and {"python", "numpy", "torch"} <= set(state["rng"])
@@ -223,3 +229,44 @@ def test_finetuning_starts_from_the_two_rank_moe_checkpoint(runs):
         "0", "1", "2", "3"}
     for key, value in encoder.items():
         torch.testing.assert_close(value, pretrained[ENCODER_PREFIX + key], rtol=0, atol=0, msg=key)
+
+
+def test_resumed_run_logs_each_step_once(runs):
+    """B was killed after a checkpoint and resumed as C: metrics.jsonl and MLflow hold every step once."""
+    from mlflow import MlflowClient
+
+    rows = [json.loads(line) for line in (runs["b"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 13))
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs['b']}/mlflow.db")
+    history = client.get_metric_history((runs["b"] / "mlflow_run_id").read_text().strip(), "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 13))
+
+
+def test_torn_newest_checkpoint_is_set_aside_and_the_run_continues_bit_exactly(runs):
+    """A copy of run A whose newest checkpoint lost half of rank 1's optimizer partition: both ranks skip it,
+    resume from the one before and reproduce A's losses exactly."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    d = runs["folder"] / "run_d"
+    shutil.copytree(runs["a"], d)
+    optim = d / "checkpoints" / "step00000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])
+    proc = launch(runs["folder"], d, runs["folder"] / "d.log")
+    proc.wait(400)
+    log = (runs["folder"] / "d.log").read_text()
+    assert proc.returncode == 0, log[-4000:]
+    damaged = [line for line in log.splitlines() if "is damaged" in line]
+    assert len(damaged) == 1 and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in damaged[0], damaged
+    assert "the manifest says" in damaged[0] and "Traceback" not in log
+    assert f"resumed from {d / 'checkpoints' / 'step00000008'} at step 8" in log
+    assert (d / "checkpoints" / ".rejected-step00000012" / optim.name).is_file()  # kept aside, as found
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 13))
+    a, again = losses(runs["a"]), losses(d)
+    for step in range(9, 13):
+        assert again[step] == a[step], f"step {step}: {again[step]} != {a[step]}"
+    history = MlflowClient(f"sqlite:///{d}/mlflow.db").get_metric_history(
+        (d / "mlflow_run_id").read_text().strip(), "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 13))  # steps 9-12 were not sent twice

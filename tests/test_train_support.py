@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from msgfm.config import RunConfig, load_config
+from msgfm.train.runtime import own_job_environment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,3 +80,11 @@ def tiny_config(groups: Sequence[Mapping], root: Path, *, img_size: int = 32, ov
     return load_config("demo_cpu", overrides=[f"model.img_size={img_size}", f"data.root={root}",
                                               "masking.mask_patch_size=16", f"data.groups={groups_yaml}",
                                               "data.pin_memory=false", *overrides])
+
+
+def child_env(drop_prefixes: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """The environment for a plain ``python launchers/...`` child: without the process-group variables the
+    single_rank_dist fixture set in this process (the child starts its own group) and without names starting
+    with ``drop_prefixes``, plus ``extra``."""
+    env = own_job_environment(**extra)
+    return {k: v for k, v in env.items() if not (drop_prefixes and k.startswith(drop_prefixes))}

@@ -360,11 +360,14 @@ class TrackingConfig:
     tracking_uri: str | None = None  # MLFLOW_TRACKING_URI wins when set
     log_interval: int = 10
     figure_interval: int = 500
+    close_timeout_s: float = 10.0  # the most the exit waits for MLflow to take the queued items
 
     def __post_init__(self) -> None:
         for key in ("log_interval", "figure_interval"):
             if getattr(self, key) < 1:
                 config_error(f"tracking.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if not self.close_timeout_s >= 0:
+            config_error("tracking.close_timeout_s", f"must be >= 0 seconds, got {self.close_timeout_s}")
 
 
 @dataclass(kw_only=True)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from msgfm.config import FinetuneConfig, ModelConfig, from_dict
 from msgfm.data.stats import Stats
@@ -34,6 +33,7 @@ from msgfm.models import MsGFMBackbone, backbone_state, timm_to_backbone
 from msgfm.sensors import get_sensor
 from msgfm.tasks.downstream import TASK_CLASSES, DownstreamTask, backbone_embeddings, stacked_name
 from msgfm.train.checkpoint import load_client_state, load_model_state_dict
+from msgfm.train.safe_load import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,7 @@ def timm_backbone_state(cfg: FinetuneConfig, weights: str | Path) -> dict[str, t
     if not path.is_file():
         raise MissingFileError(f"transfer.timm_weights: no file at {path}; save a timm SwinTransformer's "
                                f"state_dict() there (torch.save) or give a .safetensors file")
-    if path.suffix == ".safetensors":
-        timm_state = load_file(str(path))
-    else:
-        timm_state = torch.load(path, map_location="cpu", weights_only=True)
+    timm_state = load_weights(path, "timm weights")  # safetensors, or a torch file loaded as data only
     # a timm checkpoint of another window (e.g. 12 for Swin-B/384) is resampled by adapt_encoder_state
     return timm_to_backbone(timm_state, sensor)
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import deepspeed.comm as dist
 import torch
 
 from msgfm.config import FinetuneConfig, ModelConfig, load_finetune_config, save_finetune_config
@@ -41,6 +42,7 @@ from msgfm.train import ds_config as dsc
 from msgfm.train.engine import build_engine, total_steps
 from msgfm.train.optim import optimizer_class
 from msgfm.train.runtime import device_name, git_commit, init_process_group, seed_everything
+from msgfm.train.safe_load import load_weights
 from msgfm.train.schedule import LRSchedule
 from msgfm.train.tracking import Tracker
 from msgfm.train.trainer import Trainer, TrainerSettings
@@ -97,7 +99,8 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
                       settings=settings, tracker=tracker, output_dir=out, rank=rank, world_size=world,
                       client_extra=client_extra, evaluator=evaluator)
     ckpt.prepare_run_folder(out, rank)
-    latest = ckpt.find_latest(out / "checkpoints")
+    dist.barrier()
+    latest = ckpt.find_resumable(out / "checkpoints")  # collective: every rank verifies what it will read
     if latest is not None:
         trainer.resume(latest)
     if rank == 0:
@@ -244,7 +247,7 @@ def _fine_tuned_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir() and (path / "best" / "model.pt").is_file():
         path = path / "best" / "model.pt"
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights(path, "fine-tuned weights")  # data only: a file from elsewhere runs no code
     return ckpt.load_model_state_dict(path)  # a DeepSpeed checkpoint folder of a fine-tuning run
 
 
@@ -320,7 +323,7 @@ def _start_tracking(trainer: Trainer, cfg: FinetuneConfig, ds_config: dict[str, 
         artifacts["transfer"] = out / "transfer.txt"
         print(report.summary(), flush=True)
     steps_per_epoch = trainer.data.steps_per_epoch
-    trainer.tracker.open(run_name=f"{cfg.name}-{out.name}", resumed=resumed,
+    trainer.tracker.open(run_name=f"{cfg.name}-{out.name}", resumed=resumed, resume_step=trainer.step,
                          params={"config": cfg.to_dict(), "resolved": {
                              "train_samples": num_train, "steps_per_epoch": steps_per_epoch,
                              "total_steps": trainer.total_steps, "optimizer": opt_name}},

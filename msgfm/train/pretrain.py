@@ -60,7 +60,7 @@ def pretrain(config: str, overrides: Sequence[str], ds_config_path: str, data_ro
     ckpt.prepare_run_folder(out, rank)
     dist.barrier()
     trainer = build_trainer(cfg, ds_config, plan, out)
-    latest = ckpt.find_latest(out / "checkpoints")
+    latest = ckpt.find_resumable(out / "checkpoints")  # collective: every rank verifies what it will read
     if latest is not None:
         trainer.resume(latest)
     start_tracking(trainer, cfg, plan, resumed=latest is not None)
@@ -113,7 +113,7 @@ def start_tracking(trainer: Trainer, cfg: RunConfig, plan: DataPlan, resumed: bo
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     steps_per_epoch = trainer.data.steps_per_epoch
     trainer.tracker.open(
-        run_name=f"{cfg.name}-{out.name}", resumed=resumed,
+        run_name=f"{cfg.name}-{out.name}", resumed=resumed, resume_step=trainer.step,
         params={"config": cfg.to_dict(), "ds_config": ds_config,
                 "resolved": {"batch_size_per_gpu": plan.batch_sizes, "lr": trainer.base_lrs,
                              "steps_per_epoch": steps_per_epoch, "total_steps": trainer.total_steps}},

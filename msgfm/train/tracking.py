@@ -1,12 +1,19 @@
 """MLflow tracking on rank 0, off the training thread.
 
-Every call (:meth:`Tracker.log_metrics`, :meth:`Tracker.log_figure`, ...) only
+Every call (:meth:`Tracker.log_metrics`, :meth:`Tracker.log_artifact`, ...) only
 puts an item on a queue; a daemon thread imports MLflow, opens the run and
 sends batches. Training therefore never waits for the store, the network or
-figure rendering. If the tracking server cannot be reached, the tracker says so
-once, drops further MLflow calls and training goes on (checkpoints never
-depend on it). Metrics are also appended to ``<output>/metrics.jsonl`` so a run
-can be read without MLflow.
+figure rendering. If the tracking server cannot be reached (an HTTP server is
+probed first, with a few seconds' timeout), the tracker says so in one line,
+drops further MLflow calls and training goes on (checkpoints never depend on
+it). At exit it waits at most ``tracking.close_timeout_s`` for the thread.
+Metrics are also appended to ``<output>/metrics.jsonl`` so a run can be read
+without MLflow; ``msgfm track-sync <output>`` replays them (and the figures and
+configs) into MLflow later.
+
+Each step is recorded once: on resume, ``metrics.jsonl`` loses the rows after
+the resumed step (the resumed run writes them again), and the reopened MLflow
+run is not sent the steps it already holds.
 
 Where the run goes: ``MLFLOW_TRACKING_URI`` when set, else
 ``tracking.tracking_uri``, else a local SQLite store ``<output>/mlflow.db``
@@ -23,13 +30,18 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from msgfm.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 500  # MLflow's limit on a param value (longer ones are clipped, the full text is an artifact)
+PROBE_TIMEOUT_S = 5.0  # an HTTP tracking server that does not answer /health within this is unreachable
+# MLflow's HTTP defaults (7 retries, 120 s timeout each) turn a server lost mid-run into minutes per call;
+# these apply unless the user set them (environment variables of the same names)
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -45,7 +57,95 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def tracking_uri(cfg: TrackingConfig, output_dir: Path) -> str:
+    """Where the run goes: MLFLOW_TRACKING_URI, else tracking.tracking_uri, else the run folder's SQLite store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{output_dir.resolve()}/mlflow.db"
+
+
+def is_http(uri: str) -> bool:
+    """A tracking server (as opposed to a local store)."""
+    return uri.startswith(("http://", "https://"))
+
+
+def probe_server(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the HTTP tracking server at ``uri`` answers at all (any status), else why not."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError:  # it answered (authentication, a proxy, an old server): reachable
+        return None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLError):  # it answered; MLflow has its own certificate settings
+            return None
+        return f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a torn last line (a kill mid-write) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the rows of ``path`` up to ``step`` (a resume writes the later ones again); returns how many went."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = read_metrics(path)
+    kept = [row for row in rows if row["step"] <= step]
+    if len(kept) == len(lines):
+        return 0
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def logged_steps(client: Any, run_id: str) -> dict[str, int]:
+    """The last step MLflow holds for each metric of a run."""
+    run = client.get_run(run_id)
+    return {key: max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+            for key in run.data.metrics}
+
+
+def metric_name(key: str) -> str:
+    """An msgfm metric key as MLflow accepts it."""
+    return key.replace("@", "_")
+
+
+def create_run(client: Any, uri: str, output_dir: Path, experiment: str, run_name: str, params: dict[str, Any],
+               tags: dict[str, str], artifacts: dict[str, Path]) -> str:
+    """A new MLflow run for the run folder ``output_dir`` (its id also goes to ``mlflow_run_id``)."""
+    from mlflow.entities import Param, RunTag
+
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        location = (output_dir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
+        experiment_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        experiment_id = found.experiment_id
+    run_id: str = client.create_run(experiment_id, run_name=run_name).info.run_id
+    (output_dir / "mlflow_run_id").write_text(run_id)
+    flat = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
+    for i in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run_id, params=flat[i:i + 100])
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    for artifact_path, path in artifacts.items():
+        client.log_artifact(run_id, str(path), artifact_path)
+    return run_id
 
 
 class Tracker:
@@ -56,29 +156,46 @@ class Tracker:
         self.output_dir = output_dir
         self.uri = tracking_uri(cfg, output_dir)
         self.experiment = cfg.experiment
+        self.close_timeout_s = cfg.close_timeout_s
         self.run_id: str | None = None
+        self.client: Any = None
         self._mlflow_ok = cfg.enabled
+        self._logged_upto: dict[str, int] = {}  # per MLflow metric: the last step the reopened run holds
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._metrics_file = None
+        self._metrics_path = output_dir / "metrics.jsonl"
+        self._metrics_file: IO[str] | None = None
         if active:
             output_dir.mkdir(parents=True, exist_ok=True)
-            self._metrics_file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+            if is_http(self.uri):
+                for name, value in HTTP_DEFAULTS.items():
+                    os.environ.setdefault(name, value)
+            self._metrics_file = open(self._metrics_path, "a", encoding="utf-8")
             self._thread = threading.Thread(target=self._work, name="msgfm-mlflow", daemon=True)
             self._thread.start()
 
     # -- called from the training loop (cheap) --------------------------------------------
 
     def open(self, run_name: str, params: dict[str, Any], tags: dict[str, str], artifacts: dict[str, Path],
-             resumed: bool) -> None:
-        """Open the run and record params, tags and files; a resumed run reopens the run its folder names."""
+             resumed: bool, resume_step: int = 0) -> None:
+        """Open the run and record params, tags and files; a resumed run reopens the run its folder names.
+
+        ``resume_step``: the step training goes on from (0 for a fresh start in a folder that may hold
+        rows of a run killed before its first checkpoint); metrics.jsonl rows after it are dropped, since
+        the run logs those steps again, and the reopened MLflow run is not sent steps it already holds.
+        """
         if not self.active:
             return
         run_id_file = self.output_dir / "mlflow_run_id"
         run_id = run_id_file.read_text().strip() if resumed and run_id_file.is_file() else None
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            truncate_metrics(self._metrics_path, resume_step)
+            self._metrics_file = open(self._metrics_path, "a", encoding="utf-8")
         self._queue.put(lambda: self._start(run_name, params, tags, artifacts, run_id))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Append one row to metrics.jsonl and queue it for MLflow."""
         if not self.active or self._metrics_file is None:
             return
         self._metrics_file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
@@ -91,17 +208,44 @@ class Tracker:
         if self.active:
             self._queue.put(lambda: self._log_artifact(make_file, artifact_path))
 
-    def close(self, timeout_s: float = 120.0) -> None:
-        """Flush and end the run; gives up after ``timeout_s`` (an unreachable server never blocks exit)."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Flush and end the run; waits at most ``timeout_s`` (default ``tracking.close_timeout_s``) for MLflow,
+        so an unreachable or slow server never holds up the exit. What is still queued then is not sent, but
+        its local part (rendering figures into the run folder) is done here, for ``msgfm track-sync``."""
         if not self.active or self._thread is None:
             return
+        timeout_s = self.close_timeout_s if timeout_s is None else timeout_s
         self._queue.put(None)
         self._thread.join(timeout_s)
         if self._thread.is_alive():
-            print(f"msgfm: MLflow did not finish within {timeout_s:.0f} s; the rest of its queue is dropped "
-                  f"(metrics are in {self.output_dir / 'metrics.jsonl'})", flush=True)
+            was_sending = self._mlflow_ok
+            self._mlflow_ok = False  # from now on the queued items skip MLflow
+            unsent = self._drain_locally()
+            if was_sending:
+                print(f"msgfm: MLflow at {self.uri} did not finish within {timeout_s:g} s (tracking.close_timeout_s);"
+                      f" {unsent} queued item(s) not sent; metrics are in {self._metrics_path}, replay them with "
+                      f"`msgfm track-sync {self.output_dir}`", flush=True)
         if self._metrics_file is not None:
             self._metrics_file.close()
+            self._metrics_file = None
+
+    def _drain_locally(self) -> int:
+        """Run what is left in the queue on this thread (MLflow calls are off by now); returns how many."""
+        done = 0
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                continue
+            done += 1
+            try:
+                item()
+            except Exception:  # a figure that fails to render must not fail the exit
+                log.debug("tracking item failed at exit", exc_info=True)
+        self._queue.put(None)  # let the thread end if it ever comes back
+        return done
 
     # -- tracking thread ---------------------------------------------------------------------
 
@@ -116,39 +260,39 @@ class Tracker:
             except Exception as err:  # never let tracking take training down
                 self._fail(err)
 
-    def _fail(self, err: Exception) -> None:
+    def _fail(self, err: Exception | str) -> None:
         if self._mlflow_ok:
-            print(f"msgfm: MLflow at {self.uri} failed ({type(err).__name__}: {err}); training continues "
-                  f"without it, metrics still go to {self.output_dir / 'metrics.jsonl'}", flush=True)
+            first_line = (str(err).splitlines() or [""])[0]
+            why = err if isinstance(err, str) else f"failed ({type(err).__name__}: {first_line})"
+            print(f"msgfm: MLflow at {self.uri} {why}; training continues without it, metrics still go to "
+                  f"{self._metrics_path}; replay them later with `msgfm track-sync {self.output_dir}`", flush=True)
         self._mlflow_ok = False
 
     def _start(self, run_name: str, params: dict[str, Any], tags: dict[str, str],
                artifacts: dict[str, Path], resume_run_id: str | None) -> None:
         if not self._mlflow_ok:
             return
+        if is_http(self.uri) and (why := probe_server(self.uri)) is not None:
+            self._fail(f"is unreachable ({why})")
+            return
         from mlflow import MlflowClient
-        from mlflow.entities import Param, RunTag
+        from mlflow.exceptions import MlflowException
 
         self.client = MlflowClient(tracking_uri=self.uri)
         if resume_run_id:
-            self.run_id = resume_run_id
-            self.client.update_run(resume_run_id, status="RUNNING")
-            return
-        experiment = self.client.get_experiment_by_name(self.experiment)
-        if experiment is None:
-            location = (self.output_dir / "mlartifacts").resolve().as_uri() if self.uri.startswith("sqlite") else None
-            experiment_id = self.client.create_experiment(self.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
-        run = self.client.create_run(experiment_id, run_name=run_name)
-        self.run_id = run.info.run_id
-        (self.output_dir / "mlflow_run_id").write_text(self.run_id)
-        flat = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
-        for i in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
-            self.client.log_batch(self.run_id, params=flat[i:i + 100])
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        for artifact_path, path in artifacts.items():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            try:
+                self._logged_upto = logged_steps(self.client, resume_run_id)
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                print(f"msgfm: MLflow run {resume_run_id} is not in {self.uri}; starting a new MLflow run "
+                      f"for this run folder", flush=True)
+            else:
+                self.run_id = resume_run_id
+                self.client.update_run(resume_run_id, status="RUNNING")
+                return
+        self.run_id = create_run(self.client, self.uri, self.output_dir, self.experiment, run_name, params, tags,
+                                 artifacts)
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self._mlflow_ok or self.run_id is None:
@@ -156,7 +300,8 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k.replace("@", "_"), float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()
+                 if step > self._logged_upto.get(metric_name(k), -1)]  # a resumed run may hold it already
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 
