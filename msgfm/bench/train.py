@@ -7,7 +7,8 @@
 Without ``--data-root`` (or when it is missing) the benchmark writes synthetic shards of the
 config's size to a temporary folder (msgfm.train.synthetic): it measures the engine, not disk.
 
-Timing. Each group's step is split into data wait (next batch), forward, backward
+Timing. Each group's step is split into data wait (next batch), augment (``device_batch``:
+normalization, crops and flips on the device), forward, backward
 (``engine.backward``) and optimizer step (``engine.step``); on GPU the device is synchronised
 at each boundary (this benchmark only; training never does). Communication is DeepSpeed's
 comms logger total (all-to-all of the MoE layers, gradient reductions); it overlaps the phases
@@ -33,6 +34,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from msgfm.data.device_transforms import device_batch
 
 # Peak dense fp16/bf16 tensor-core TFLOP/s by device-name fragment (vendor datasheets).
 PEAK_TFLOPS = {"V100": 125.0, "A100": 312.0, "H100": 989.0, "H200": 989.0, "A10": 125.0, "L4": 121.0,
@@ -82,7 +85,7 @@ def count_step_flops(trainer, step_batches) -> dict[str, float]:
     flops = {}
     engine = trainer.engine
     for group, batch in step_batches:
-        images = {s: trainer._to_device(x) for s, x in batch["images"].items()}
+        images = device_batch(batch, trainer.device, trainer.dtype)["images"]
         with FlopCounterMode(display=False) as counter:
             out = engine(images, group)
             engine.backward(out["loss"])
@@ -153,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         step_batches = next_batches()
         wait = _sync(on_gpu) - t0
         for i, (group, batch) in enumerate(step_batches):
+            t_aug = _sync(on_gpu)
+            batch = device_batch(batch, trainer.device, trainer.dtype)
+            images, valid = batch["images"], batch["valid"]
             t0 = _sync(on_gpu)
-            images = {s: trainer._to_device(x) for s, x in batch["images"].items()}
-            valid = {s: v.to(trainer.device) for s, v in batch.get("valid", {}).items()} or None
             out = engine(images, group, valid=valid)
             t1 = _sync(on_gpu)
             engine.backward(out["loss"])
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             t3 = _sync(on_gpu)
             if timed:
                 times[group]["data wait"] += wait / len(step_batches)
+                times[group]["augment"] += t0 - t_aug
                 times[group]["forward"] += t1 - t0
                 times[group]["backward"] += t2 - t1
                 times[group]["optimizer step"] += t3 - t2
@@ -177,15 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"msgfm.bench.train: {cfg.name}, {world} rank(s) on {device}, {precision(ds_config)}, "
           f"ZeRO-{zero_stage(ds_config)}, expert parallel {cfg.model.moe.expert_parallel_size}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
-    print(f"{'group':<10} {'batch/rank':>10} {'samples/s':>10} {'wait':>7} {'fwd':>7} {'bwd':>7} {'step':>7} "
-          f"{'GFLOP/img':>10}")
+    print(f"{'group':<10} {'batch/rank':>10} {'samples/s':>10} {'wait':>7} {'augment':>7} {'fwd':>7} {'bwd':>7} "
+          f"{'step':>7} {'GFLOP/img':>10}")
     for group, phases in times.items():
         spent = sum(phases.values())
         batch = samples[group] // (args.steps * world)
         pct = {k: 100 * v / spent for k, v in phases.items()}
         print(f"{group:<10} {batch:>10} {samples[group] / spent:>10.1f} {pct['data wait']:>6.1f}% "
-              f"{pct['forward']:>6.1f}% {pct['backward']:>6.1f}% {pct['optimizer step']:>6.1f}% "
-              f"{flops[group] / batch / 1e9:>10.2f}")
+              f"{pct['augment']:>6.1f}% {pct['forward']:>6.1f}% {pct['backward']:>6.1f}% "
+              f"{pct['optimizer step']:>6.1f}% {flops[group] / batch / 1e9:>10.2f}")
     all_samples = sum(samples.values())
     print(f"total: {all_samples / total:.1f} samples/s over all groups ({total / args.steps:.3f} s per step); "
           f"communication (rank 0, overlapping the phases above): {comm_ms / 1e3:.2f} s = "

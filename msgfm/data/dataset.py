@@ -7,13 +7,17 @@ the whole run instead of opening one per sample. Reads are chunk-aligned (one sa
 one chunk); uncompressed chunks are copied straight into a numpy buffer
 (``read_direct_chunk``), skipping HDF5's selection machinery.
 
-A sample is ``{"images": {sensor: float32 [C,S,S]}, "valid": {sensor: bool [C,S,S]},
-"id": str}``, normalized with the group's statistics (see msgfm.data.stats). A sample
-that cannot be read is replaced by another one of the same rank (so batch sizes stay
-equal on every rank) and reported in ``"corrupt"`` as (file, index, error); the scheduler
-counts these and stops the run past ``data.max_corrupt_fraction``.
+A sample is raw: ``{"raw": {sensor: [C,H,W] stored dtype}, "box": CropBox, "normalizers":
+{sensor: SensorNormalizer}, "size": S, "id": str}``: the crop box and flips are drawn here,
+from the sample's own augmentation seed, and applied with the normalization to whole
+batches on the training device (msgfm.data.device_transforms: ``collate_raw`` then
+``device_batch``). A sample that cannot be read is replaced by another one of the same
+rank (so batch sizes stay equal on every rank) and reported in ``"corrupt"`` as (file,
+index, error); the scheduler counts these and stops the run past
+``data.max_corrupt_fraction``.
 
-Legend: B batch, C channels, S output side (model.img_size), N samples in a shard.
+Legend: B batch, C channels, H x W stored side, S output side (model.img_size), N samples
+in a shard.
 """
 from __future__ import annotations
 
@@ -237,8 +241,10 @@ class GroupDataset(Dataset):
         else:
             raise CorruptSampleError(f"group '{self.name}': {len(corrupt)} unreadable samples in a row, last "
                                      f"{corrupt[-1]}; the shards are badly damaged, convert them again")
-        images, valid = self.transform(raw, self.normalizers[shard], rng)
-        sample = {"images": images, "valid": valid, "id": sample_id}
+        # the same draw, from the same stream, as the per-sample path made: a run's crops stay as they were
+        box = self.transform.draw(raw, rng)
+        sample = {"raw": raw, "box": box, "normalizers": self.normalizers[shard], "size": self.transform.img_size,
+                  "id": sample_id}
         if corrupt:
             sample["corrupt"] = corrupt
         return sample
@@ -267,8 +273,8 @@ def normalizer_for(info: ShardInfo, sensor: str, stats: Stats) -> SensorNormaliz
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Samples -> batch ``{"images": {sensor: [B,C,S,S]}, "valid": {sensor: [B,C,S,S]}, "ids": [...],
-    "corrupt": [(file, index, error), ...]}`` (the scheduler strips "corrupt" after counting)."""
+    """Augmented samples (the per-sample host path that msgfm.bench.data compares with) -> batch
+    ``{"images": {sensor: [B,C,S,S]}, "valid": {sensor: [B,C,S,S]}, "ids": [...], "corrupt": [...]}``."""
     sensors = list(samples[0]["images"])
     return {
         "images": {s: torch.stack([x["images"][s] for x in samples]) for s in sensors},

@@ -2,8 +2,9 @@
 
     data = build_pretrain_data(cfg, data_root, rank, world_size, seed)
     for epoch in range(data.train.epoch, cfg.schedule.epochs):
-        for step_batches in data.train:              # one (group, batch) per group, config order
-            ...
+        for step_batches in data.train:              # one (group, raw batch) per group, config order
+            for group, raw_batch in step_batches:
+                batch = device_batch(raw_batch, device, dtype)   # normalized, cropped, flipped there
     checkpoint["data"] = data.train.state_dict(); checkpoint["stats"] = data.stats
 
 :func:`validate_data` runs first and reads metadata only (plus the first and last sample of
@@ -24,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from msgfm.config import DataGroupConfig, RunConfig
-from msgfm.data.dataset import GroupDataset, collate_samples
+from msgfm.data.dataset import GroupDataset
+from msgfm.data.device_transforms import collate_raw
 from msgfm.data.format import ShardError, ShardInfo, read_shard_info
 from msgfm.data.scheduler import (CorruptTracker, FixedBatchSampler, GroupOrder, HeterogeneousScheduler,
                                   StepRangeBatchSampler, resolve_group_batches, split_train_val)
@@ -164,7 +166,7 @@ class PretrainData:
 def _loader(dataset: GroupDataset, sampler: Any, group: DataGroupConfig, pin_memory: bool,
             prefetch_factor: int, persistent: bool) -> DataLoader:
     workers = group.num_workers
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_samples,
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_raw,
                       pin_memory=pin_memory, persistent_workers=persistent and workers > 0,
                       prefetch_factor=prefetch_factor if workers > 0 else None)
 

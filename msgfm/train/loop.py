@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from msgfm.config import RunConfig
+from msgfm.data.device_transforms import device_batch
 from msgfm.train import checkpoint as ckpt
 from msgfm.train.figures import figure_cases, save_reconstruction_figure
 from msgfm.train.metrics import LOSS_KEYS, IntervalMetrics, loss_terms, self_cross_terms
@@ -102,6 +103,7 @@ class Trainer:
         step_finite = torch.ones((), dtype=torch.bool, device=self.device)
         for group, batch in step_batches:
             started = time.perf_counter()
+            batch = device_batch(batch, self.device, self.dtype)
             images = {s: self._to_device(x) for s, x in batch["images"].items()}
             valid = {s: v.to(self.device, non_blocking=True) for s, v in batch.get("valid", {}).items()} or None
             out = engine(images, group, valid=valid)
@@ -234,6 +236,7 @@ class Trainer:
             for i, batch in enumerate(batches):
                 if i >= n:
                     break
+                batch = device_batch(batch, self.device, self.dtype)
                 images = {s: self._to_device(x) for s, x in batch["images"].items()}
                 valid = {s: v.to(self.device) for s, v in batch.get("valid", {}).items()} or None
                 out = self.engine(images, group, valid=valid)
