@@ -198,6 +198,35 @@ def test_pipeline_batches_keep_their_draws_and_become_todays_batches(root):
     assert device_batch(val, "cpu")["images"]["s2"].shape == (2, 12, 32, 32)
 
 
+def test_reader_fills_batch_arrays_and_falls_back_for_shards_of_different_sizes(tmp_path):
+    """Uniform shards: the samples are read into one array per sensor that the raw batch uses
+    as is. Shards of two sizes in one group: per-sample arrays, padded, same result as the host."""
+    from msgfm.data.dataset import GroupDataset
+    from msgfm.data.stats import load_stats
+
+    small = write_shard(tmp_path / "g" / "a.h5", "g", random_arrays(["s2"], 4, 24, 0), nodata={"s2": 0})
+    large = write_shard(tmp_path / "g" / "b.h5", "g", random_arrays(["s2"], 4, 40, 1), nodata={"s2": 0},
+                        compression="gzip")
+    stats = load_stats(write_stats([small, large], progress=False))
+    tf = SampleTransform(img_size=32, train=True)
+    uniform = GroupDataset([large], ["s2"], stats, tf, name="g")
+    samples = uniform.__getitems__([(2, 7), (0, 8), (3, 9)])
+    raw = collate_raw(samples)["sensors"]["s2"].raw_BCHW
+    assert np.shares_memory(raw.numpy(), samples[0]["raw"]["s2"])
+    assert np.array_equal(raw[1].numpy(), uniform.read_raw(0)[0]["s2"])  # gzip: read through HDF5 filters
+
+    mixed = GroupDataset([small, large], ["s2"], stats, tf, name="g")
+    items = [(1, 3), (6, 4), (0, 5), (5, 6)]
+    samples = mixed.__getitems__(items)
+    assert "batch_arrays" not in samples[0]
+    batch = collate_raw(samples)
+    assert batch["sensors"]["s2"].raw_BCHW.shape == (4, 12, 40, 40)
+    raws = [mixed.read_raw(i)[0] for i, _ in items]
+    norms = [mixed.normalizers[mixed.locate(i)[0]] for i, _ in items]
+    host_images, host_valid = _host(tf, raws, norms, [seed for _, seed in items])
+    _assert_same(device_batch(batch, "cpu"), host_images, host_valid, exact=set())
+
+
 def test_memory_stays_flat_over_repeated_batches():
     """Nothing accumulates between calls: after a warm-up the process does not grow by the
     ~12 MiB every call allocates for its outputs and temporaries."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from msgfm.data.transforms import VALID_MASK_THRESHOLD, resizes_in_uint8
+from msgfm.data.transforms import VALID_MASK_THRESHOLD, SensorNormalizer, resizes_in_uint8
 
 # Columns of ``RawSensorBatch.crop_B4``.
 TOP, LEFT, HEIGHT, WIDTH = range(4)
@@ -62,19 +62,31 @@ def collate_raw(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Raw samples (see ``GroupDataset``) -> raw batch ``{"sensors": {sensor: RawSensorBatch},
     "flip_B2": bool [B,2] (horizontal, vertical), "size": S, "ids": [...], "corrupt": [...]}``."""
     boxes = [x["box"] for x in samples]
+    batch_arrays = samples[0].get("batch_arrays")
+    if not (batch_arrays is not None and all(x.get("batch_arrays") is batch_arrays and x["slot"] == i
+                                              for i, x in enumerate(samples))):
+        batch_arrays = None
     sensors = {}
     for sensor in samples[0]["raw"]:
         arrays = [x["raw"][sensor] for x in samples]
-        normalizers = [x["normalizers"][sensor] for x in samples]
-        crops = [box.pixels(a.shape[-2], a.shape[-1]) for box, a in zip(boxes, arrays)]
+        if batch_arrays is not None and len(batch_arrays[sensor]) == len(samples):
+            raw_BCHW = torch.from_numpy(batch_arrays[sensor])  # the reader filled it row by row: no copy
+        else:
+            raw_BCHW = _stack(arrays)
+        # a batch holds samples of a few shards: one row of gains per distinct normalizer
+        distinct: dict[int, tuple[int, SensorNormalizer]] = {}
+        rows = [distinct.setdefault(id(n), (len(distinct), n))[0] for n in (x["normalizers"][sensor] for x in samples)]
+        normalizers = [n for _, n in distinct.values()]
+        row_B = torch.tensor(rows)
         sensors[sensor] = RawSensorBatch(
-            raw_BCHW=_stack(arrays),
-            crop_B4=torch.tensor(crops, dtype=torch.int64),
-            gain_BC=torch.stack([n.gain_C11.view(-1) for n in normalizers]),
-            bias_BC=torch.stack([n.bias_C11.view(-1) for n in normalizers]),
-            nodata_B=torch.tensor([_nodata_as_stored(n.nodata, a.dtype) for n, a in zip(normalizers, arrays)],
-                                  dtype=torch.float32),
-            quantize_B=torch.tensor([resizes_in_uint8(a.dtype, n) for n, a in zip(normalizers, arrays)]))
+            raw_BCHW=raw_BCHW,
+            crop_B4=torch.tensor([box.pixels(a.shape[-2], a.shape[-1]) for box, a in zip(boxes, arrays)]),
+            gain_BC=torch.stack([n.gain_C11.view(-1) for n in normalizers])[row_B],
+            bias_BC=torch.stack([n.bias_C11.view(-1) for n in normalizers])[row_B],
+            nodata_B=torch.tensor([_nodata_as_stored(x["normalizers"][sensor].nodata, a.dtype)
+                                   for x, a in zip(samples, arrays)], dtype=torch.float32),
+            quantize_B=torch.tensor([resizes_in_uint8(a.dtype, x["normalizers"][sensor])
+                                     for x, a in zip(samples, arrays)], dtype=torch.bool))
     return {
         "sensors": sensors,
         "flip_B2": torch.tensor([[box.hflip, box.vflip] for box in boxes], dtype=torch.bool),
