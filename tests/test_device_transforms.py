@@ -12,8 +12,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-
 from data_helpers import random_arrays, tiny_config, write_shard
+
 from msgfm.data.device_transforms import RawSensorBatch, collate_raw, device_batch
 from msgfm.data.pipeline import build_pretrain_data
 from msgfm.data.stats import write_stats

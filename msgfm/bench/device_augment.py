@@ -20,6 +20,7 @@ Legend: B batch, C channels, S side.
 """
 from __future__ import annotations
 
+import functools
 import random
 import statistics
 import time
@@ -91,8 +92,9 @@ def measure(cfg: RunConfig, device: torch.device, *, model_step: bool, repeats: 
     memory (MiB) allocated after each of several rounds of device_batch calls."""
     dtype = training_dtype(device)
     aug = cfg.data.augment
-    transform = SampleTransform(img_size=cfg.model.img_size, train=True, crop_scale=tuple(aug.crop_scale),
-                                crop_ratio=tuple(aug.crop_ratio), hflip=aug.hflip, vflip=aug.vflip)
+    transform = SampleTransform(img_size=cfg.model.img_size, train=True,
+                                crop_scale=(aug.crop_scale[0], aug.crop_scale[1]),
+                                crop_ratio=(aug.crop_ratio[0], aug.crop_ratio[1]), hflip=aug.hflip, vflip=aug.vflip)
     rng = np.random.default_rng(seed)
     model = None
     if model_step:
@@ -111,11 +113,11 @@ def measure(cfg: RunConfig, device: torch.device, *, model_step: bool, repeats: 
         batches[group.name] = (group, batch)
     costs = []
     for name, (group, raw) in batches.items():
-        augment_ms = _median_ms(lambda raw=raw: device_batch(raw, device, dtype), device, repeats)
+        augment_ms = _median_ms(functools.partial(device_batch, raw, device, dtype), device, repeats)
         step_ms = None
         if model is not None:
-            step_ms = _median_ms(lambda m=model, raw=raw, name=name: _forward_backward(m, raw, name, device, dtype),
-                                 device, repeats)
+            step_ms = _median_ms(functools.partial(_forward_backward, model, raw, name, device, dtype), device,
+                                 repeats)
         costs.append(GroupCost(group=name, sensors=list(group.sensors), batch_size=int(group.batch_size_per_gpu),
                                augment_ms=augment_ms, step_ms=step_ms))
     memory = []

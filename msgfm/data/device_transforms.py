@@ -24,6 +24,7 @@ K taps per output pixel.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
@@ -125,32 +126,31 @@ def device_batch(batch: dict[str, Any], device: torch.device | str,
     float32). Every sensor of a sample gets the sample's crop and flips."""
     device = torch.device(device)
     size = int(batch["size"])
-    flip_B2 = batch["flip_B2"]
+    flips = [tuple(f) for f in batch["flip_B2"].tolist()]
     images, valid = {}, {}
     for sensor, raw in batch["sensors"].items():
-        x_BCSS, valid_BCSS = _sensor_batch(raw, flip_B2, size, device)
+        x_BCSS, valid_BCSS = _sensor_batch(raw, flips, size, device)
         images[sensor] = x_BCSS if dtype is None else x_BCSS.to(dtype)
         valid[sensor] = valid_BCSS
     return {"images": images, "valid": valid, "ids": batch["ids"]}
 
 
-def _sensor_batch(raw: RawSensorBatch, flip_B2: torch.Tensor, size: int,
+def _sensor_batch(raw: RawSensorBatch, flips: list[tuple[bool, bool]], size: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # every branch below is decided from host-side tensors: no device sync per batch
-    quantize_B = raw.quantize_B
-    all_quantized = bool(quantize_B.all())
-    crop_B4 = raw.crop_B4.to(device, non_blocking=True)
-    flip_B2 = flip_B2.to(device, non_blocking=True)
+    # every branch and table below is decided from host-side tensors: no device sync per batch
+    crops = raw.crop_B4.tolist()
+    quantize = raw.quantize_B.tolist()
+    taps = _max_taps(crops, size)
     gain_BC11 = raw.gain_BC.to(device, non_blocking=True)[..., None, None]
     bias_BC11 = raw.bias_BC.to(device, non_blocking=True)[..., None, None]
-    stored = _to_device(raw.raw_BCHW, device)
+    stored_BCHW = _to_device(raw.raw_BCHW, device)
     x_BCSS = None
-    if quantize_B.any():
-        max_taps = _max_taps(raw.crop_B4, size)
-        x_BCSS = _resize_uint8(stored, crop_B4, flip_B2, size, max_taps).mul_(gain_BC11).add_(bias_BC11)
-        if all_quantized:
+    if any(quantize):
+        tables = [_batch_tables(crops, flips, [UINT8] * len(crops), size, taps, axis, device) for axis in (1, 0)]
+        x_BCSS = _resize_uint8(stored_BCHW, tables, taps).mul_(gain_BC11).add_(bias_BC11)
+        if all(quantize):
             return x_BCSS, torch.ones(x_BCSS.shape, dtype=torch.bool, device=device)
-    x_BCWH = _transposed(stored, torch.float32)  # the layout the first (width) pass reads
+    x_BCWH = _transposed(stored_BCHW, torch.float32)  # the layout the first (width) pass reads
     valid_BCWH = None
     has_nodata = not bool(raw.nodata_B.isnan().all())
     if raw.raw_BCHW.is_floating_point() or has_nodata:
@@ -160,18 +160,18 @@ def _sensor_batch(raw: RawSensorBatch, flip_B2: torch.Tensor, size: int,
     x_BCWH.mul_(gain_BC11).add_(bias_BC11)
     if valid_BCWH is not None:
         x_BCWH.masked_fill_(~valid_BCWH, 0.0)
-    antialias_B = ((raw.crop_B4[:, HEIGHT] > size) | (raw.crop_B4[:, WIDTH] > size)).to(device, non_blocking=True)
-    max_taps = _max_taps(raw.crop_B4, size)
-    y_BCSS = _resize_float(x_BCWH, crop_B4, flip_B2, antialias_B, size, max_taps)
+    # the host antialiases both axes of a sample when its crop is larger than S in either
+    kinds = [ANTIALIAS if h > size or w > size else BILINEAR for _, _, h, w in crops]
+    tables = [_batch_tables(crops, flips, kinds, size, taps, axis, device) for axis in (1, 0)]
+    y_BCSS = _resize_float(x_BCWH, tables)
     if valid_BCWH is None:
         valid_BCSS = torch.ones(y_BCSS.shape, dtype=torch.bool, device=device)
     else:
         # a pixel that mixed in an invalid source pixel is invalid too, and zeroed like nodata itself
-        valid_BCSS = _resize_float(valid_BCWH.to(torch.float32), crop_B4, flip_B2, antialias_B, size,
-                                   max_taps) >= VALID_MASK_THRESHOLD
+        valid_BCSS = _resize_float(valid_BCWH.to(torch.float32), tables) >= VALID_MASK_THRESHOLD
         y_BCSS.masked_fill_(~valid_BCSS, 0.0)
     if x_BCSS is not None:  # a batch mixing 8-bit samples with others (shards of different kinds)
-        pick_B111 = quantize_B.to(device, non_blocking=True)[:, None, None, None]
+        pick_B111 = raw.quantize_B.to(device, non_blocking=True)[:, None, None, None]
         y_BCSS = torch.where(pick_B111, x_BCSS, y_BCSS)
         valid_BCSS = valid_BCSS | pick_B111
     return y_BCSS, valid_BCSS
@@ -185,85 +185,108 @@ def _to_device(stored: torch.Tensor, device: torch.device) -> torch.Tensor:
     return stored.to(device, non_blocking=True)
 
 
-def _max_taps(crop_B4: torch.Tensor, size: int) -> int:
+def _max_taps(crops: list[list[int]], size: int) -> int:
     """Taps per output pixel that cover every sample: torch's filter spans ``2 x support``
     source pixels (support: the crop/output ratio when shrinking, else 1), so at most
     ``ceil(2 x support)`` of them have a weight."""
-    longest = int(crop_B4[:, HEIGHT:].max())
+    longest = max(max(h, w) for _, _, h, w in crops)
     return math.ceil(2 * max(longest / size, 1.0))
 
 
 # ---- resize tables: which source pixels (K taps) and weights make each output pixel ---------
 
-def _float_taps(length_B: torch.Tensor, antialias_B: torch.Tensor, size: int,
-                max_taps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop-local source index and float32 weight [B,S,K] of torch's float bilinear resize of
-    a length-``length_B`` axis to ``size``: plain bilinear (``upsample_bilinear2d``) or, where
-    ``antialias_B``, the antialiased filter; computed in float32 in torch's order of operations."""
-    f32 = torch.float32
-    device = length_B.device
-    length = length_B.to(f32)
-    scale_B1 = (length / size)[:, None]
-    out_S = torch.arange(size, dtype=f32, device=device)
-    # plain bilinear, align_corners=False: src = max(scale * (i + 0.5) - 0.5, 0)
-    src_BS = (scale_B1 * (out_S + 0.5) - 0.5).clamp_min(0.0)
-    first_BS = torch.minimum(src_BS.floor(), length[:, None] - 1)
-    lam_BS = (src_BS - first_BS).clamp(0.0, 1.0)
-    second_BS = torch.minimum(first_BS + 1, length[:, None] - 1)
-    plain_index = torch.stack([first_BS, second_BS], dim=-1)
-    plain_weight = torch.stack([1.0 - lam_BS, lam_BS], dim=-1)
-    pad = max_taps - 2
-    plain_index = torch.nn.functional.pad(plain_index, (0, pad))
-    plain_weight = torch.nn.functional.pad(plain_weight, (0, pad))
-    aa_index, aa_weight = _antialias_taps(length, scale_B1, size, max_taps, f32)
-    pick = antialias_B[:, None, None]
-    return torch.where(pick, aa_index, plain_index).long(), torch.where(pick, aa_weight, plain_weight)
+# How the host resizes a sample (transforms.apply_box): float bilinear, float antialiased (the
+# crop is larger than S), or torch's 8-bit kernel (antialiased, fixed-point weights).
+BILINEAR, ANTIALIAS, UINT8 = "bilinear", "antialias", "uint8"
 
 
-def _antialias_taps(length_B: torch.Tensor, scale_B1: torch.Tensor, size: int, max_taps: int,
+@dataclass(frozen=True)
+class _AxisTable:
+    """Resizing one crop axis of a given length to S: per output pixel K source pixels."""
+
+    local_SK: torch.Tensor  # int64 index inside the crop (mirrored for a flipped crop)
+    weight_SK: torch.Tensor  # float32; for UINT8 the integer fixed-point weights
+    step: torch.Tensor  # [] float32: 2**-fractional bits of the UINT8 weights, else 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _axis_table(length: int, size: int, taps: int, kind: str, flip: bool, device: torch.device) -> _AxisTable:
+    """Cached per device: a batch needs one table per distinct crop length, and crop lengths
+    take a few hundred values at most, so the tables are computed once per run."""
+    if kind == UINT8:
+        local_SK, weight_SK, bits = _uint8_taps(length, size, taps)
+        step = 2.0 ** -bits
+    elif kind == ANTIALIAS:
+        scale = torch.tensor(length, dtype=torch.float32) / size
+        local_SK, weight_SK = _antialias_taps(length, scale, size, taps, torch.float32)
+        step = 1.0
+    else:
+        local_SK, weight_SK = _bilinear_taps(length, size, taps)
+        step = 1.0
+    if flip:
+        local_SK = length - 1 - local_SK
+    return _AxisTable(local_SK=local_SK.to(device), weight_SK=weight_SK.to(device, torch.float32),
+                      step=torch.tensor(step, dtype=torch.float32, device=device))
+
+
+def _batch_tables(crops: list[list[int]], flips: list[tuple[bool, bool]], kinds: list[str], size: int, taps: int,
+                  axis: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stored-pixel index [B,S,K], weight [B,S,K] and step [B] of one axis (0 height, 1 width)
+    for every sample of a batch."""
+    start, length, flip = (TOP, HEIGHT, 1) if axis == 0 else (LEFT, WIDTH, 0)
+    tables = [_axis_table(crop[length], size, taps, kind, f[flip], device)
+              for crop, f, kind in zip(crops, flips, kinds)]
+    start_B11 = torch.tensor([crop[start] for crop in crops]).to(device, non_blocking=True)[:, None, None]
+    index_BSK = torch.stack([t.local_SK for t in tables]).add_(start_B11)
+    return index_BSK, torch.stack([t.weight_SK for t in tables]), torch.stack([t.step for t in tables])
+
+
+def _bilinear_taps(length: int, size: int, taps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's float bilinear resize (``upsample_bilinear2d``, align_corners=False) of a
+    length-``length`` axis to ``size``: 2 taps, computed in float32 in torch's order."""
+    scale = torch.tensor(length, dtype=torch.float32) / size
+    src_S = (scale * (torch.arange(size, dtype=torch.float32) + 0.5) - 0.5).clamp_min(0.0)
+    first_S = src_S.floor().clamp_max(length - 1)
+    lam_S = (src_S - first_S).clamp(0.0, 1.0)
+    second_S = (first_S + 1).clamp_max(length - 1)
+    local_SK = torch.stack([first_S, second_S], dim=-1).long()
+    weight_SK = torch.stack([1.0 - lam_S, lam_S], dim=-1)
+    return F.pad(local_SK, (0, taps - 2)), F.pad(weight_SK, (0, taps - 2))
+
+
+def _antialias_taps(length: int, scale: torch.Tensor, size: int, taps: int,
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's antialiased bilinear weights (``_compute_indices_min_size_weights_aa``) in
     ``dtype``: a triangle filter stretched by the shrink factor, normalized to sum 1."""
-    device = length_B.device
-    shrink_B1 = scale_B1 >= 1.0
-    support_B1 = torch.where(shrink_B1, scale_B1, torch.ones_like(scale_B1))
-    inv_scale_B1 = torch.where(shrink_B1, 1.0 / scale_B1, torch.ones_like(scale_B1))
-    own_taps_B1 = support_B1.ceil() * 2 + 1
-    center_BS = scale_B1 * (torch.arange(size, dtype=dtype, device=device) + 0.5)
-    first_BS = (center_BS - support_B1 + 0.5).trunc().clamp_min(0.0)
-    count_BS = torch.minimum((center_BS + support_B1 + 0.5).trunc(), length_B.to(dtype)[:, None]) - first_BS
-    count_BS = torch.minimum(count_BS.clamp_min(0.0), own_taps_B1)
-    tap_K = torch.arange(max_taps, dtype=dtype, device=device)
-    index_BSK = first_BS[..., None] + tap_K
-    weight_BSK = (1.0 - (((index_BSK - center_BS[..., None]) + 0.5) * inv_scale_B1[..., None]).abs()).clamp_min(0.0)
-    weight_BSK = torch.where(tap_K < count_BS[..., None], weight_BSK, 0.0)
-    total_BS = torch.zeros_like(center_BS)
-    for k in range(max_taps):  # summed in torch's order: the weights match it to the last bit
-        total_BS = total_BS + weight_BSK[..., k]
-    weight_BSK = torch.where(total_BS[..., None] != 0, weight_BSK / total_BS[..., None], weight_BSK)
-    return index_BSK.clamp_max(length_B.to(dtype)[:, None, None] - 1), weight_BSK
+    shrink = bool(scale >= 1.0)
+    support = scale if shrink else torch.ones_like(scale)
+    inv_scale = 1.0 / scale if shrink else torch.ones_like(scale)
+    own_taps = support.ceil() * 2 + 1
+    center_S = scale * (torch.arange(size, dtype=dtype) + 0.5)
+    first_S = (center_S - support + 0.5).trunc().clamp_min(0.0)
+    count_S = torch.minimum((center_S + support + 0.5).trunc().clamp_max(length) - first_S, own_taps).clamp_min(0.0)
+    tap_K = torch.arange(taps, dtype=dtype)
+    index_SK = first_S[:, None] + tap_K
+    weight_SK = (1.0 - (((index_SK - center_S[:, None]) + 0.5) * inv_scale).abs()).clamp_min(0.0)
+    weight_SK = torch.where(tap_K < count_S[:, None], weight_SK, 0.0)
+    total_S = torch.zeros_like(center_S)
+    for k in range(taps):  # summed in torch's order: the weights match it to the last bit
+        total_S = total_S + weight_SK[:, k]
+    weight_SK = torch.where(total_S[:, None] != 0, weight_SK / total_S[:, None], weight_SK)
+    return index_SK.clamp_max(length - 1).long(), weight_SK
 
 
-def _uint8_taps(length_B: torch.Tensor, size: int, max_taps: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _uint8_taps(length: int, size: int, taps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """torch's uint8 antialiased bilinear (``_compute_index_ranges_int16_weights``): float64
-    weights rounded to integers with ``bits_B`` fractional bits. Returns index [B,S,K],
-    integer weights [B,S,K] (as float64) and bits [B]."""
-    length = length_B.to(torch.float64)
-    index_BSK, weight_BSK = _antialias_taps(length, (length / size)[:, None], size, max_taps, torch.float64)
-    max_weight_B1 = weight_BSK.flatten(1).amax(dim=1, keepdim=True)
-    bits = torch.arange(_MAX_WEIGHT_BITS, dtype=torch.float64, device=length.device)
-    fits_BP = (0.5 + max_weight_B1 * torch.exp2(bits + 1)).floor() < 2**15
-    bits_B = fits_BP.sum(dim=1)  # the first number of bits at which the next one would overflow int16
-    int_weight_BSK = (0.5 + weight_BSK * torch.exp2(bits_B.to(torch.float64))[:, None, None]).trunc()
-    return index_BSK.long(), int_weight_BSK, bits_B
-
-
-def _source_index(local_BSK: torch.Tensor, start_B: torch.Tensor, length_B: torch.Tensor,
-                  flip_B: torch.Tensor) -> torch.Tensor:
-    """Crop-local indices -> stored indices; a flipped crop reads its pixels mirrored."""
-    mirrored = length_B[:, None, None] - 1 - local_BSK
-    return start_B[:, None, None] + torch.where(flip_B[:, None, None], mirrored, local_BSK)
+    weights rounded to integers with ``bits`` fractional bits, the most that keep the largest
+    weight of the axis under 2**15. Returns index [S,K], integer weights [S,K], bits."""
+    scale = torch.tensor(length, dtype=torch.float64) / size
+    local_SK, weight_SK = _antialias_taps(length, scale, size, taps, torch.float64)
+    max_weight = float(weight_SK.max())
+    bits = 0
+    while bits < _MAX_WEIGHT_BITS and int(0.5 + max_weight * (1 << (bits + 1))) < 2**15:
+        bits += 1
+    return local_SK, (0.5 + weight_SK * (1 << bits)).trunc(), bits
 
 
 # ---- the two separable passes ---------------------------------------------------------------
@@ -289,28 +312,24 @@ def _transposed(x_BCHW: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty((B, C, W, H), dtype=dtype, device=x_BCHW.device).copy_(x_BCHW.transpose(2, 3))
 
 
-def _resize_float(x_BCWH: torch.Tensor, crop_B4: torch.Tensor, flip_B2: torch.Tensor, antialias_B: torch.Tensor,
-                  size: int, max_taps: int) -> torch.Tensor:
+Tables = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (index, weight, step) of width, then height
+
+
+def _resize_float(x_BCWH: torch.Tensor, tables: Tables) -> torch.Tensor:
     """Crop, flip and resize float32 images given transposed, [B,C,W,H] -> [B,C,S,S], width first."""
-    local, weight = _float_taps(crop_B4[:, WIDTH], antialias_B, size, max_taps)
-    index = _source_index(local, crop_B4[:, LEFT], crop_B4[:, WIDTH], flip_B2[:, 0])
-    x_BCSH = _resize_axis(x_BCWH, index, weight)
-    local, weight = _float_taps(crop_B4[:, HEIGHT], antialias_B, size, max_taps)
-    index = _source_index(local, crop_B4[:, TOP], crop_B4[:, HEIGHT], flip_B2[:, 1])
-    return _resize_axis(_transposed(x_BCSH, torch.float32), index, weight)
+    (width_index, width_weight, _), (height_index, height_weight, _) = tables
+    x_BCSH = _resize_axis(x_BCWH, width_index, width_weight)
+    return _resize_axis(_transposed(x_BCSH, torch.float32), height_index, height_weight)
 
 
-def _resize_uint8(x_BCHW: torch.Tensor, crop_B4: torch.Tensor, flip_B2: torch.Tensor, size: int,
-                  max_taps: int) -> torch.Tensor:
+def _resize_uint8(x_BCHW: torch.Tensor, tables: Tables, taps: int) -> torch.Tensor:
     """torch's uint8 antialiased resize of [B,C,H,W] values in 0..255 -> [B,C,S,S] integers
     (as float32): integer multiply-adds, rounded half up and clamped to 8 bits after each
     pass, width first. The sums are exact in float32 below 2**24, i.e. up to 4 taps."""
-    compute = torch.float32 if max_taps <= 4 else torch.float64
+    compute = torch.float32 if taps <= 4 else torch.float64
     out = x_BCHW
-    for start, length, flip in ((LEFT, WIDTH, 0), (TOP, HEIGHT, 1)):
-        local, weight, bits_B = _uint8_taps(crop_B4[:, length], size, max_taps)
-        index = _source_index(local, crop_B4[:, start], crop_B4[:, length], flip_B2[:, flip])
-        scale_B111 = torch.exp2(-bits_B.to(compute))[:, None, None, None]
-        acc = _resize_axis(_transposed(out, compute), index, weight).add_(0.5 / scale_B111)
-        out = acc.mul_(scale_B111).floor_().clamp_(0, 255)  # the kernel's (acc + half) >> bits
+    for index_BSK, weight_BSK, step_B in tables:
+        step_B111 = step_B.to(compute)[:, None, None, None]
+        acc = _resize_axis(_transposed(out, compute), index_BSK, weight_BSK).add_(0.5 / step_B111)
+        out = acc.mul_(step_B111).floor_().clamp_(0, 255)  # the kernel's (acc + half) >> bits
     return out.to(torch.float32)
