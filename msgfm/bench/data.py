@@ -250,8 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     from msgfm.bench.device_augment import report  # it imports this module
 
     device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(psutil.cpu_count() or 1)  # the training process uses every core
     model_step = args.model_step if args.model_step is not None else device.type == "cuda"
     for line in report(args.config, device, model_step=model_step, repeats=args.device_repeats):
         print(line)
