@@ -148,7 +148,8 @@ def report(config: str, device: torch.device, *, model_step: bool, repeats: int)
     """Markdown lines: the table per group and the step, and the memory line."""
     cfg = load_config(config, ["model.moe.enabled=false"])
     costs, memory = measure(cfg, device, model_step=model_step, repeats=repeats)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{threads} thread{'s' * (threads > 1)}"
     dtype = training_dtype(device)
     lines = [f"Device side of one training step: {cfg.name} ({cfg.model.img_size} px, dense model for the step), "
              f"{device.type} ({name}), images in {dtype or torch.float32}, median of {repeats} calls, ms:", "",
