@@ -74,20 +74,20 @@ def collate_raw(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             raw_BCHW = torch.from_numpy(batch_arrays[sensor])  # the reader filled it row by row: no copy
         else:
             raw_BCHW = _stack(arrays)
-        # a batch holds samples of a few shards: one row of gains per distinct normalizer
-        distinct: dict[int, tuple[int, SensorNormalizer]] = {}
-        rows = [distinct.setdefault(id(n), (len(distinct), n))[0] for n in (x["normalizers"][sensor] for x in samples)]
-        normalizers = [n for _, n in distinct.values()]
-        row_B = torch.tensor(rows)
+        normalizers: list[SensorNormalizer] = [x["normalizers"][sensor] for x in samples]
+        # a batch holds samples of a few shards: stack each shard's gains once, then pick rows
+        distinct = list({id(n): n for n in normalizers}.values())
+        row_of = {id(n): row for row, n in enumerate(distinct)}
+        row_B = torch.tensor([row_of[id(n)] for n in normalizers])
         sensors[sensor] = RawSensorBatch(
             raw_BCHW=raw_BCHW,
             crop_B4=torch.tensor([box.pixels(a.shape[-2], a.shape[-1]) for box, a in zip(boxes, arrays)]),
-            gain_BC=torch.stack([n.gain_C11.view(-1) for n in normalizers])[row_B],
-            bias_BC=torch.stack([n.bias_C11.view(-1) for n in normalizers])[row_B],
-            nodata_B=torch.tensor([_nodata_as_stored(x["normalizers"][sensor].nodata, a.dtype)
-                                   for x, a in zip(samples, arrays)], dtype=torch.float32),
-            quantize_B=torch.tensor([resizes_in_uint8(a.dtype, x["normalizers"][sensor])
-                                     for x, a in zip(samples, arrays)], dtype=torch.bool))
+            gain_BC=torch.stack([n.gain_C11.view(-1) for n in distinct])[row_B],
+            bias_BC=torch.stack([n.bias_C11.view(-1) for n in distinct])[row_B],
+            nodata_B=torch.tensor([_nodata_as_stored(n.nodata, a.dtype) for n, a in zip(normalizers, arrays)],
+                                  dtype=torch.float32),
+            quantize_B=torch.tensor([resizes_in_uint8(a.dtype, n) for n, a in zip(normalizers, arrays)],
+                                    dtype=torch.bool))
     return {
         "sensors": sensors,
         "flip_B2": torch.tensor([[box.hflip, box.vflip] for box in boxes], dtype=torch.bool),
