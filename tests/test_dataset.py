@@ -12,6 +12,7 @@ import torch
 from test_train_support import tiny_config
 
 from msgfm.data.dataset import GroupDataset
+from msgfm.data.device_transforms import collate_raw, device_batch
 from msgfm.data.pipeline import build_pretrain_data
 from msgfm.data.plan import DataValidationError, plan_data, validate_data
 from msgfm.data.scheduler import CorruptSampleError
@@ -49,11 +50,19 @@ def _dataset(root: Path, folder: str, sensors, train=False, **kwargs) -> GroupDa
                         SampleTransform(img_size=SIZE, train=train), name=folder, **kwargs)
 
 
+def _augmented(ds: GroupDataset, item) -> dict:
+    """One sample the way training gets it: read (and its box drawn) by the reader, then
+    normalized, cropped and flipped by device_batch, here on the CPU."""
+    batch = device_batch(collate_raw([ds[item]]), "cpu")
+    return {"images": {s: x[0] for s, x in batch["images"].items()},
+            "valid": {s: v[0] for s, v in batch["valid"].items()}, "id": batch["ids"][0]}
+
+
 def test_reader_normalizes_with_the_recorded_statistics(root):
     ds = _dataset(root, "sen12ms", ["sar", "s2"])
     stats = ds.stats
     assert len(ds) == 12
-    sample = ds[7]  # second shard, local index 1
+    sample = _augmented(ds, 7)  # second shard, local index 1
     with h5py.File(root / "sen12ms" / "p1.h5") as f:
         raw_s2, raw_sar = f["s2"][1].astype(np.float64), f["sar"][1].astype(np.float64)
         assert sample["id"] == f["ids"].asstr()[1]
@@ -65,7 +74,7 @@ def test_reader_normalizes_with_the_recorded_statistics(root):
     assert (sample["images"]["s2"].numpy()[nodata] == 0).all()
     mean, std = (np.array(v)[:, None, None] for v in (stats.sensor("sar").mean, stats.sensor("sar").std))
     np.testing.assert_allclose(sample["images"]["sar"].numpy(), (raw_sar + 2.0 - mean) / std, rtol=1e-4, atol=1e-4)
-    nan_sample = ds[6]
+    nan_sample = _augmented(ds, 6)
     assert not nan_sample["valid"]["sar"][1, 5, 5] and nan_sample["images"]["sar"][1, 5, 5] == 0
     assert torch.isfinite(nan_sample["images"]["sar"]).all()
 
@@ -73,9 +82,9 @@ def test_reader_normalizes_with_the_recorded_statistics(root):
 def test_reader_reads_a_subset_of_the_sensors(root):
     only_s2 = _dataset(root, "sen12ms", ["s2"])
     both = _dataset(root, "sen12ms", ["sar", "s2"])
-    sample = only_s2[3]
+    sample = _augmented(only_s2, 3)
     assert list(sample["images"]) == ["s2"] and list(sample["valid"]) == ["s2"]
-    assert torch.equal(sample["images"]["s2"], both[3]["images"]["s2"])
+    assert torch.equal(sample["images"]["s2"], _augmented(both, 3)["images"]["s2"])
 
 
 def test_open_files_are_capped_per_process(root, monkeypatch):
@@ -83,9 +92,9 @@ def test_open_files_are_capped_per_process(root, monkeypatch):
 
     monkeypatch.setattr(dataset_module, "MAX_OPEN_FILES", 1)
     ds = _dataset(root, "rgb", ["rgb"])
-    reference = [_dataset(root, "rgb", ["rgb"])[i]["images"]["rgb"] for i in (0, 15, 1, 16)]
+    reference = [_dataset(root, "rgb", ["rgb"])[i]["raw"]["rgb"] for i in (0, 15, 1, 16)]
     for index, expected in zip((0, 15, 1, 16), reference):  # alternate between the two shards
-        assert torch.equal(ds[index]["images"]["rgb"], expected)
+        assert np.array_equal(ds[index]["raw"]["rgb"], expected)
         assert len(ds._files) == 1
 
 
@@ -196,8 +205,9 @@ def _pipeline(root: Path, workers: int, rank=0, world=1, seed=0):
 
 
 def _flatten(step_batches):
+    batches = [(name, device_batch(b, "cpu")) for name, b in step_batches]
     return [(name, b["ids"], {s: x.clone() for s, x in b["images"].items()},
-             {s: v.clone() for s, v in b["valid"].items()}) for name, b in step_batches]
+             {s: v.clone() for s, v in b["valid"].items()}) for name, b in batches]
 
 
 def _same(a, b) -> bool:
@@ -262,7 +272,7 @@ def test_real_landsat_tiles_with_nodata_normalize_to_zero_mean_unit_std(realdata
     shard = write_shard(tmp_path / "landsat" / "l0.h5", "rgb", {"rgb": tiles}, nodata={"rgb": nodata})
     stats = load_stats(write_stats([shard], progress=False))
     ds = GroupDataset([shard], ["rgb"], stats, SampleTransform(img_size=64, train=False), name="landsat")
-    samples = [ds[i] for i in range(len(ds))]
+    samples = [_augmented(ds, i) for i in range(len(ds))]
     images = torch.stack([s["images"]["rgb"] for s in samples])
     valid = torch.stack([s["valid"]["rgb"] for s in samples])
     assert torch.equal(valid, torch.from_numpy(tiles != nodata))
@@ -272,6 +282,6 @@ def test_real_landsat_tiles_with_nodata_normalize_to_zero_mean_unit_std(realdata
         assert abs(values.mean().item()) < 1e-4 and abs(values.std(unbiased=False).item() - 1) < 1e-4
     train = GroupDataset([shard], ["rgb"], stats, SampleTransform(img_size=96, train=True), name="landsat")
     for i in range(len(train)):
-        sample = train[(i, i)]
+        sample = _augmented(train, (i, i))
         assert (sample["images"]["rgb"][~sample["valid"]["rgb"]] == 0).all()
         assert torch.isfinite(sample["images"]["rgb"]).all()

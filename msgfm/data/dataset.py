@@ -7,13 +7,18 @@ the whole run instead of opening one per sample. Reads are chunk-aligned (one sa
 one chunk); uncompressed chunks are copied straight into a numpy buffer
 (``read_direct_chunk``), skipping HDF5's selection machinery.
 
-A sample is ``{"images": {sensor: float32 [C,S,S]}, "valid": {sensor: bool [C,S,S]},
-"id": str}``, normalized with the group's statistics (see msgfm.data.stats). A sample
-that cannot be read is replaced by another one of the same rank (so batch sizes stay
-equal on every rank) and reported in ``"corrupt"`` as (file, index, error); the scheduler
-counts these and stops the run past ``data.max_corrupt_fraction``.
+A sample is raw: ``{"raw": {sensor: [C,H,W] stored dtype}, "box": CropBox, "normalizers":
+{sensor: SensorNormalizer}, "size": S, "id": str}`` (plus, from ``__getitems__``, the batch
+arrays its "raw" are rows of): the crop box and flips are drawn here,
+from the sample's own augmentation seed, and applied with the normalization to whole
+batches on the training device (msgfm.data.device_transforms: ``collate_raw`` then
+``device_batch``). A sample that cannot be read is replaced by another one of the same
+rank (so batch sizes stay equal on every rank) and reported in ``"corrupt"`` as (file,
+index, error); the scheduler counts these and stops the run past
+``data.max_corrupt_fraction``.
 
-Legend: B batch, C channels, S output side (model.img_size), N samples in a shard.
+Legend: B batch, C channels, H x W stored side, S output side (model.img_size), N samples
+in a shard.
 """
 from __future__ import annotations
 
@@ -126,6 +131,7 @@ class GroupDataset(Dataset):
         self._starts = np.cumsum([0] + counts)
         self._start_list = self._starts.tolist()  # bisect on a list: cheaper than numpy per sample
         self._has_ids = [info.has_ids for info in infos]
+        self._sample_layout = _common_layout(infos, self.sensors)
         self.normalizers = [{s: normalizer_for(info, s, stats) for s in self.sensors} for info in infos]
         self.replacement_pool = np.asarray(replacement_pool if replacement_pool is not None
                                            else np.arange(len(self)), dtype=np.int64)
@@ -188,20 +194,21 @@ class GroupDataset(Dataset):
         shard = bisect.bisect_right(self._start_list, index) - 1
         return shard, index - self._start_list[shard]
 
-    def read_raw(self, index: int) -> tuple[dict[str, np.ndarray], str]:
-        """The stored arrays (sensor -> [C,H,W] native dtype) and id of one sample."""
+    def read_raw(self, index: int, out: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], str]:
+        """The stored arrays (sensor -> [C,H,W] native dtype) and id of one sample, read into
+        ``out`` (sensor -> a C-contiguous [C,H,W] array of the stored shape and dtype) if given."""
         shard, local = self.locate(index)
         raw = {}
         for sensor in self.sensors:
             ds, fast = self._dataset(shard, sensor)
+            dest = out[sensor] if out is not None else np.empty(ds.shape[1:], dtype=ds.dtype.newbyteorder("="))
             if fast:
-                out = np.empty(ds.shape[1:], dtype=ds.dtype)
-                _, view = ds.id.read_direct_chunk((local, 0, 0, 0), out=out.reshape(-1).view(np.uint8))
-                if view.nbytes != out.nbytes:
-                    raise OSError(f"chunk of {view.nbytes} bytes, expected {out.nbytes}")
-                raw[sensor] = out
+                _, view = ds.id.read_direct_chunk((local, 0, 0, 0), out=dest.reshape(-1).view(np.uint8))
+                if view.nbytes != dest.nbytes:
+                    raise OSError(f"chunk of {view.nbytes} bytes, expected {dest.nbytes}")
             else:
-                raw[sensor] = ds[local]
+                ds.read_direct(dest, source_sel=np.s_[local])
+            raw[sensor] = dest
         return raw, self._sample_id(shard, local)
 
     def _sample_id(self, shard: int, local: int) -> str:
@@ -215,14 +222,25 @@ class GroupDataset(Dataset):
         return self.__getitems__([item])[0]
 
     def __getitems__(self, items: Sequence[int | tuple[int, int]]) -> list[dict[str, Any]]:
-        """Batched fetch (used by DataLoader): one sample per item, corrupt ones replaced."""
+        """Batched fetch (used by DataLoader): one sample per item, corrupt ones replaced.
+
+        When every shard stores its sensors alike, the samples are read straight into one
+        [B,C,H,W] array per sensor (``"batch_arrays"``; sample ``i`` is row ``"slot"`` = i),
+        which ``collate_raw`` hands on without copying."""
+        batch = None
+        if self._sample_layout is not None:
+            batch = {s: np.empty((len(items), *shape), dtype) for s, (shape, dtype) in self._sample_layout.items()}
         samples = []
-        for item in items:
+        for slot, item in enumerate(items):
             index, aug_seed = (int(item[0]), int(item[1])) if isinstance(item, (tuple, list)) else (int(item), 0)
-            samples.append(self._load(index, aug_seed))
+            out = None if batch is None else {s: rows[slot] for s, rows in batch.items()}
+            sample = self._load(index, aug_seed, out)
+            if batch is not None:
+                sample.update(batch_arrays=batch, slot=slot)
+            samples.append(sample)
         return samples
 
-    def _load(self, index: int, aug_seed: int) -> dict[str, Any]:
+    def _load(self, index: int, aug_seed: int, out: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         rng = random.Random(aug_seed)
         corrupt: list[tuple[str, int, str]] = []
         for _ in range(MAX_REPLACEMENT_TRIES + 1):
@@ -231,7 +249,7 @@ class GroupDataset(Dataset):
                 corrupt.append((str(self.paths[shard]), local, "known corrupt (failed before)"))
             else:
                 try:
-                    raw, sample_id = self.read_raw(index)
+                    raw, sample_id = self.read_raw(index, out)
                     break
                 except _READ_ERRORS as err:
                     self._bad.add(index)
@@ -240,8 +258,10 @@ class GroupDataset(Dataset):
         else:
             raise CorruptSampleError(f"group '{self.name}': {len(corrupt)} unreadable samples in a row, last "
                                      f"{corrupt[-1]}; the shards are badly damaged, convert them again")
-        images, valid = self.transform(raw, self.normalizers[shard], rng)
-        sample: dict[str, Any] = {"images": images, "valid": valid, "id": sample_id}
+        # the same draw, from the same stream, as the per-sample path made: a run's crops stay as they were
+        box = self.transform.draw(raw, rng)
+        sample: dict[str, Any] = {"raw": raw, "box": box, "normalizers": self.normalizers[shard],
+                                  "size": self.transform.img_size, "id": sample_id}
         if corrupt:
             sample["corrupt"] = corrupt
         return sample
@@ -258,6 +278,17 @@ class GroupDataset(Dataset):
         return index
 
 
+def _common_layout(infos: Sequence[ShardInfo], sensors: Sequence[str]
+                   ) -> dict[str, tuple[tuple[int, ...], np.dtype]] | None:
+    """Sensor -> (sample shape [C,H,W], dtype) when every shard stores each sensor alike, else None."""
+    layouts = {tuple((s, tuple(info.sensors[s].shape[1:]), np.dtype(info.sensors[s].dtype).newbyteorder("="))
+                     for s in sensors)
+               for info in infos}
+    if len(layouts) != 1:
+        return None
+    return {s: (shape, dtype) for s, shape, dtype in layouts.pop()}
+
+
 def normalizer_for(info: ShardInfo, sensor: str, stats: Stats) -> SensorNormalizer:
     """The normalizer of ``sensor`` in a shard, checking the statistics are for the bands it stores."""
     spec = info.sensors[sensor]
@@ -270,8 +301,8 @@ def normalizer_for(info: ShardInfo, sensor: str, stats: Stats) -> SensorNormaliz
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Samples -> batch ``{"images": {sensor: [B,C,S,S]}, "valid": {sensor: [B,C,S,S]}, "ids": [...],
-    "corrupt": [(file, index, error), ...]}`` (the scheduler strips "corrupt" after counting)."""
+    """Augmented samples (the per-sample host path that msgfm.bench.data compares with) -> batch
+    ``{"images": {sensor: [B,C,S,S]}, "valid": {sensor: [B,C,S,S]}, "ids": [...], "corrupt": [...]}``."""
     sensors = list(samples[0]["images"])
     return {
         "images": {s: torch.stack([x["images"][s] for x in samples]) for s in sensors},

@@ -3,8 +3,9 @@
 plan = plan_data(cfg, data_root)                 # msgfm/data/plan.py: validated once
 data = build_pretrain_data(cfg, plan, rank, world_size, seed)
 for epoch in range(data.train.epoch, cfg.schedule.epochs):
-for step_batches in data.train:              # one (group, batch) per group, config order
-...
+for step_batches in data.train:              # one (group, raw batch) per group, config order
+for group, raw_batch in step_batches:
+batch = device_batch(raw_batch, device, dtype)   # normalized, cropped, flipped there
 checkpoint["data"] = data.train.state_dict(); checkpoint["stats"] = data.stats
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from msgfm.config import DataGroupConfig, RunConfig
-from msgfm.data.dataset import GroupDataset, collate_samples
+from msgfm.data.dataset import GroupDataset
+from msgfm.data.device_transforms import collate_raw
 from msgfm.data.plan import DataPlan, GroupSummary
 from msgfm.data.scheduler import CorruptTracker, FixedBatchSampler, HeterogeneousScheduler, StepRangeBatchSampler
 from msgfm.data.transforms import SampleTransform
@@ -59,7 +61,7 @@ class PretrainData:
 def _loader(dataset: GroupDataset, sampler: Any, group: DataGroupConfig, pin_memory: bool,
             prefetch_factor: int, persistent: bool) -> DataLoader:
     workers = group.num_workers
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_samples,
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_raw,
                       pin_memory=pin_memory, persistent_workers=persistent and workers > 0,
                       prefetch_factor=prefetch_factor if workers > 0 else None)
 

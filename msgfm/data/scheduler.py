@@ -30,7 +30,7 @@ from msgfm.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# A batch as produced by the per-group DataLoaders (see msgfm.data.dataset.collate_samples).
+# A raw batch as produced by the per-group DataLoaders (msgfm.data.device_transforms.collate_raw).
 Batch = dict[str, Any]
 
 
@@ -228,8 +228,8 @@ class CorruptTracker:
 
 class HeterogeneousScheduler:
     """Iterating yields one scheduler epoch (or what is left of it): per step a list of
-    ``(group_name, batch)`` in config order, batch = ``{"images": {sensor: [B,C,S,S]},
-    "valid": {sensor: [B,C,S,S] bool}, "ids": list[str]}``.
+    ``(group_name, raw_batch)`` in config order (stored arrays, crop boxes, flips and
+    ``"ids"``; ``msgfm.data.device_transforms.device_batch`` makes the model's batch of it).
 
     ``loaders`` are DataLoaders (any iterable works) whose batch sampler is the group's
     :class:`StepRangeBatchSampler`; the scheduler sets the step range before each pass.

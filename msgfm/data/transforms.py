@@ -10,6 +10,11 @@ resize to ``img_size`` with ``torch.nn.functional.interpolate``. Flips are views
 the crop, taken before the copy. uint8 data without nodata is resized before
 normalizing, in uint8 (see :func:`apply_box`).
 
+Training does this work batched on the training device (msgfm.data.device_transforms,
+which must give the same result); the per-sample functions here are its reference and the
+host path ``python -m msgfm.bench.data`` compares it with. Workers use only the drawing
+of the boxes (:meth:`SampleTransform.draw`).
+
 Shape legend: C channels, H x W the stored sample, h x w the crop, S the output
 side (``model.img_size``).
 """
@@ -26,7 +31,7 @@ import torch.nn.functional as F
 
 # A resized validity mask is valid only where every source pixel it mixes was valid
 # (bilinear weights of fully valid neighbourhoods sum to 1 up to rounding).
-_VALID_MASK_THRESHOLD = 1.0 - 1e-4
+VALID_MASK_THRESHOLD = 1.0 - 1e-4
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,7 @@ def apply_box(raw_CHW: np.ndarray, normalizer: SensorNormalizer, box: CropBox,
         crop_Chw = crop_Chw[:, :, ::-1]
     if box.vflip:
         crop_Chw = crop_Chw[:, ::-1, :]
-    if raw_CHW.dtype == np.uint8 and normalizer.nodata is None:
+    if resizes_in_uint8(raw_CHW.dtype, normalizer):
         x_CSS = _resize_uint8(torch.from_numpy(np.ascontiguousarray(crop_Chw)), size)
         x_CSS = x_CSS.to(torch.float32).mul_(normalizer.gain_C11).add_(normalizer.bias_C11)
         return x_CSS, torch.ones(x_CSS.shape, dtype=torch.bool)
@@ -172,9 +177,15 @@ def apply_box(raw_CHW: np.ndarray, normalizer: SensorNormalizer, box: CropBox,
     x_CSS = _resize(x_Chw, size)
     if valid_Chw is None:
         return x_CSS, torch.ones(x_CSS.shape, dtype=torch.bool)
-    valid_CSS = _resize(valid_Chw.to(torch.float32), size) >= _VALID_MASK_THRESHOLD
+    valid_CSS = _resize(valid_Chw.to(torch.float32), size) >= VALID_MASK_THRESHOLD
     # pixels that mixed in an invalid source pixel are invalid too, and zeroed like nodata itself
     return x_CSS.masked_fill_(~valid_CSS, 0.0), valid_CSS
+
+
+def resizes_in_uint8(dtype: np.dtype, normalizer: SensorNormalizer) -> bool:
+    """Is a sample resized as 8-bit values (rounded to integers), as PIL does in the paper's
+    SimMIM pipeline? uint8 data without nodata (nodata needs the float path's masks)."""
+    return dtype == np.uint8 and normalizer.nodata is None
 
 
 def _resize_uint8(x_Chw: torch.Tensor, size: int) -> torch.Tensor:
@@ -205,11 +216,15 @@ class SampleTransform:
         return random_crop_box(height, width, self.crop_scale, self.crop_ratio, rng,
                                hflip=self.hflip, vflip=self.vflip)
 
+    def draw(self, raw: dict[str, np.ndarray], rng: random.Random) -> CropBox:
+        """The box of one sample (sensor -> [C,H,W] stored arrays), shared by its sensors."""
+        first = next(iter(raw.values()))
+        return self.box(first.shape[-2], first.shape[-1], rng)
+
     def __call__(self, raw: dict[str, np.ndarray], normalizers: dict[str, SensorNormalizer],
                  rng: random.Random) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """raw: sensor -> [C,H,W] stored array. Returns (images, valid): sensor -> [C,S,S]."""
-        first = next(iter(raw.values()))
-        box = self.box(first.shape[-2], first.shape[-1], rng)
+        box = self.draw(raw, rng)
         images, valid = {}, {}
         for sensor, raw_CHW in raw.items():
             images[sensor], valid[sensor] = apply_box(raw_CHW, normalizers[sensor], box, self.img_size)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from msgfm.doctor.report import FAIL, Check, failures, format_table, skipped, write_json
-from msgfm.errors import UserError
+from msgfm.errors import UserError, user_message
 
 __all__ = ["Check", "add_parser", "diagnose", "main", "run"]
 
@@ -152,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(["doctor", *(sys.argv[1:] if argv is None else argv)])
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:  # user errors: one line, as in msgfm.cli
-        print(f"msgfm doctor: error: {err}", file=sys.stderr)
+    except Exception as err:  # user errors: one line, as in msgfm.cli; bugs keep their traceback
+        message = user_message(err)
+        if message is None:
+            raise
+        print(f"msgfm doctor: error: {message}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from msgfm.config import RunConfig
-from msgfm.data.dataset import GroupDataset, collate_samples
+from msgfm.data.dataset import GroupDataset
+from msgfm.data.device_transforms import collate_raw
 from msgfm.data.pipeline import train_transform
 from msgfm.data.plan import DataValidationError, GroupSummary, plan_data
 from msgfm.doctor.report import FAIL, OK, WARN, Check, skipped
@@ -50,14 +51,15 @@ def data_checks(cfg: RunConfig, data_root: Path | None) -> tuple[list[Check], st
 
 
 def read_speed_check(cfg: RunConfig, summary: GroupSummary, batch_size: int) -> Check:
-    """Read and augment one batch of a group in this process: host samples/s of one loader worker."""
+    """Read one batch of a group in this process as a loader worker does (stored arrays, crops and flips
+    drawn; normalization and augmentation run later on the training device): host samples/s per worker."""
     group = cfg.data.group(summary.name)
     dataset = GroupDataset(summary.shards, group.sensors, summary.statistics, train_transform(cfg),
                            name=group.name)
     count = min(batch_size, len(dataset))
     dataset[0]  # opens the file: not what a running worker pays per batch
     started = time.perf_counter()
-    collate_samples(dataset.__getitems__([(i % len(dataset), i) for i in range(count)]))
+    collate_raw(dataset.__getitems__([(i % len(dataset), i) for i in range(count)]))
     seconds = time.perf_counter() - started
     per_worker = count / max(seconds, 1e-9)
     workers = group.num_workers
@@ -65,6 +67,6 @@ def read_speed_check(cfg: RunConfig, summary: GroupSummary, batch_size: int) -> 
                                                                                         "training process)"
     return Check(name=f"data: group {group.name}", status=OK,
                  result=f"{summary.num_samples} samples in {len(summary.shards)} shard(s); one batch of {count} "
-                        f"read + augmented in {seconds * 1e3:.1f} ms = {per_worker:,.0f} samples/s per worker{total}",
+                        f"read in {seconds * 1e3:.1f} ms = {per_worker:,.0f} samples/s per worker{total}",
                  data={"samples": summary.num_samples, "batch": count, "seconds": round(seconds, 4),
                        "samples_per_s_per_worker": round(per_worker, 1), "num_workers": workers})

@@ -34,10 +34,11 @@ import torch
 from torch import nn
 
 from msgfm.config import MaskingConfig, RunConfig
+from msgfm.data.device_transforms import device_batch
 from msgfm.errors import UserError
 from msgfm.models.backbone import MsGFMBackbone
 from msgfm.sensors import get_sensor
-from msgfm.tasks.base import Task, TaskOutput, to_device
+from msgfm.tasks.base import Task, TaskOutput
 from msgfm.tasks.heads import SimMIMDecoder
 from msgfm.tasks.masking import SimMIMMaskGenerator, upsample_mask
 
@@ -65,10 +66,11 @@ class CrossSensorSimMIM(Task):
 
     def prepare(self, batch: dict[str, Any], group: str, device: torch.device,
                 dtype: torch.dtype | None) -> dict[str, Any]:
-        """Images in the engine's dtype and the validity masks on the device (masks are drawn in forward)."""
-        images = {s: to_device(x, device, dtype) for s, x in batch["images"].items()}
-        valid = {s: v.to(device, non_blocking=True) for s, v in batch.get("valid", {}).items()} or None
-        return {"images": images, "valid": valid}
+        """A raw batch of the data pipeline (stored arrays, crop boxes, flips) normalized, cropped and flipped
+        on the device (:func:`~msgfm.data.device_transforms.device_batch`): images in the engine's dtype and
+        the validity masks. The masks are drawn in forward."""
+        ready = device_batch(batch, device, dtype)
+        return {"images": ready["images"], "valid": ready["valid"] or None}
 
     def metric_keys(self, group: str) -> list[str]:
         sensors = self.groups[group]
