@@ -86,9 +86,31 @@ class StepObserver:
         self.log_interval, self.tracking_interval, self.figure_interval = log_interval, tracking_interval, \
             figure_interval
         self.groups = groups
-        self.metrics = IntervalMetrics()
+        # One accumulator per logging interval (one when they are equal): each reports the mean over its own
+        # interval, whichever flushes first.
+        self.intervals = {interval: IntervalMetrics() for interval in {log_interval, tracking_interval}}
         self.figure_cases: dict[str, list[dict[str, Any]]] = {}
         self.last_print = (time.perf_counter(), 0)
+
+    # ------------------------------------------------------------------ what every accumulator counts
+
+    def add(self, key: str, value: torch.Tensor | float) -> None:
+        for metrics in self.intervals.values():
+            metrics.add(key, value)
+
+    def count_data_wait(self, seconds: float) -> None:
+        for metrics in self.intervals.values():
+            metrics.data_wait += seconds
+
+    def count_group(self, group: str, samples: int, seconds: float) -> None:
+        """Samples of ``group`` processed in ``seconds`` (its forward, backward and step)."""
+        for metrics in self.intervals.values():
+            metrics.samples[group] += samples
+            metrics.group_time[group] += seconds
+
+    def count_step(self) -> None:
+        for metrics in self.intervals.values():
+            metrics.steps += 1
 
     # ------------------------------------------------------------------ per step
 
@@ -103,7 +125,7 @@ class StepObserver:
     def record(self, group: str, step: int, out: TaskOutput, inputs: dict[str, Any]) -> None:
         """One forward of ``group`` in (1-based) ``step``: its metrics, expert load, figure material."""
         for key, value in out["metrics"].items():
-            self.metrics.add(f"train/{group}/{key}", value)
+            self.add(f"train/{group}/{key}", value)
         if self.is_log_step(step):
             self._record_expert_load(group)
         if "predictions" in out or "output" in out:
@@ -113,30 +135,33 @@ class StepObserver:
 
     def record_update(self, name: str, lr: float, grad_norm: float | None) -> None:
         """The LR in effect at an optimizer step and the gradient norm it saw."""
-        self.metrics.add(f"lr/{name}", lr)
+        self.add(f"lr/{name}", lr)
         if grad_norm is not None:
-            self.metrics.add(f"grad_norm/{name}", grad_norm)
+            self.add(f"grad_norm/{name}", grad_norm)
 
     def _record_expert_load(self, group: str) -> None:
         for layer, load in self.task.backbone.expert_load().items():
             for e, share in enumerate(load["share"].tolist()):
-                self.metrics.add(f"moe/{group}/{layer}/expert{e}_share", float(share))
-            self.metrics.add(f"moe/{group}/{layer}/dropped_fraction", float(load["dropped_fraction"]))
+                self.add(f"moe/{group}/{layer}/expert{e}_share", float(share))
+            self.add(f"moe/{group}/{layer}/dropped_fraction", float(load["dropped_fraction"]))
 
     # ------------------------------------------------------------------ at a logging step
 
-    def log(self, step: int, total_steps: int, epoch: float, extra: dict[str, float]) -> dict[str, float]:
-        """Flush the interval, add ``extra`` (loss scale, ...), send to tracking and print; returns the values."""
-        values = self.metrics.flush()
-        group_losses = [v for k, v in values.items() if k.startswith("train/") and k.endswith("/loss")]
-        values["train/loss"] = sum(group_losses)
-        values.update(extra)
-        values["epoch"] = epoch
-        if step % self.tracking_interval == 0:
-            self.tracker.log_metrics(values, step)
-        if self.rank == 0 and step % self.log_interval == 0:
-            self._print(step, total_steps, values)
-        return values
+    def log(self, step: int, total_steps: int, epoch: float, extra: dict[str, float]) -> None:
+        """At a logging step: flush each interval that ends here, add ``extra`` (loss scale, ...), send the
+        tracking interval's means to tracking and print the console interval's."""
+        for interval, metrics in self.intervals.items():
+            if step % interval:
+                continue
+            values = metrics.flush()
+            group_losses = [v for k, v in values.items() if k.startswith("train/") and k.endswith("/loss")]
+            values["train/loss"] = sum(group_losses)
+            values.update(extra)
+            values["epoch"] = epoch
+            if interval == self.tracking_interval:
+                self.tracker.log_metrics(values, step)
+            if interval == self.log_interval and self.rank == 0:
+                self._print(step, total_steps, values)
 
     def _print(self, step: int, total_steps: int, values: dict[str, float]) -> None:
         now = time.perf_counter()

@@ -139,7 +139,7 @@ class Trainer:
                 return
             finally:
                 ckpt.set_host_rng_state(rng)
-            self.observer.metrics.data_wait += time.perf_counter() - waited
+            self.observer.count_data_wait(time.perf_counter() - waited)
             yield step_batches
 
     def train_step(self, step_batches: GroupBatches) -> None:
@@ -148,7 +148,6 @@ class Trainer:
         keep_outputs = self.observer.wants_outputs(step)
         joint_loss: torch.Tensor | None = None
         step_finite = torch.ones((), dtype=torch.bool, device=self.device)
-        metrics = self.observer.metrics
         for group, batch in step_batches:
             started = time.perf_counter()
             inputs = self.task.prepare(batch, group, self.device, self.dtype)
@@ -160,18 +159,18 @@ class Trainer:
                 self._optimizer_step(group, group)
             else:
                 joint_loss = out["loss"] if joint_loss is None else joint_loss + out["loss"]
-            metrics.samples[group] += next(iter(inputs["images"].values())).shape[0]
-            metrics.group_time[group] += time.perf_counter() - started
+            self.observer.count_group(group, next(iter(inputs["images"].values())).shape[0],
+                                      time.perf_counter() - started)
         if joint_loss is not None:
             started = time.perf_counter()
             self.engine.backward(joint_loss)
             self._optimizer_step(step_batches[0][0], "joint")
             spent = (time.perf_counter() - started) / len(step_batches)
             for group, _ in step_batches:
-                metrics.group_time[group] += spent
+                self.observer.count_group(group, 0, spent)
         self.consecutive_nonfinite = torch.where(step_finite, torch.zeros_like(self.consecutive_nonfinite),
                                                  self.consecutive_nonfinite + 1)
-        metrics.steps += 1
+        self.observer.count_step()
 
     def _optimizer_step(self, lr_group: str, name: str) -> None:
         """Set ``lr_group``'s base LR x the schedule factor of this step (each parameter group scaled by its
