@@ -1,7 +1,7 @@
 """Checks that need every rank of a launch (deepspeed launcher or torchrun, WORLD_SIZE > 1):
 all-reduce bandwidth, the all-to-all of one MoE dispatch at the config's shape, and that all
 ranks see the same config and data. Collectives go through ``deepspeed.comm``, the layer the
-MoE layers and ZeRO use (DESIGN.md decision 1).
+MoE layers and ZeRO use (DeepSpeed is the one distributed engine: docs/architecture.md).
 
 Bandwidths follow nccl-tests: algorithm bandwidth = bytes per rank / time; bus bandwidth
 = algorithm bandwidth x 2(n-1)/n for all-reduce and x (n-1)/n for all-to-all, comparable

@@ -18,7 +18,7 @@ import torch
 
 from msgfm.doctor.report import FAIL, OK, SKIP, WARN, Check, skipped
 
-# DESIGN.md decision 2: older DeepSpeed dispatches MoE tokens with dense one-hot einsums.
+# Older DeepSpeed dispatches MoE tokens with dense one-hot einsums (docs/architecture.md, "DeepSpeed").
 # setup.py states the same bound for pip (it cannot import msgfm).
 MIN_DEEPSPEED = "0.19.4"
 TORCH_CU12_HINT = ("install a torch built with CUDA 12.x first (e.g. `pip install torch --index-url <the PyTorch "
