@@ -34,8 +34,8 @@ DEV = [
     "pytest-timeout",
     "scikit-learn",  # independent reference for mAP
     "scikit-image",  # independent reference for SSIM / PSNR
-    "ruff>=0.6",  # lint and import order (make lint; settings in pyproject.toml)
-    "mypy>=1.10",  # type check of the package (make lint)
+    "ruff==0.17.6",  # lint and import order (make lint; pyproject.toml); pinned: new releases add rules
+    "mypy==2.4.1",  # type check of the package (make lint); pinned for the same reason
 ]
 
 

@@ -5,12 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
+from test_train_support import write_tiny_run
 
 from msgfm.config import load_config
 from msgfm.data.plan import plan_data
 from msgfm.train.ds_config import load_ds_config
 from msgfm.train.pretrain import build_trainer
-from test_train_support import write_tiny_run
 
 
 @pytest.fixture(scope="module")
