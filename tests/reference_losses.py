@@ -10,7 +10,7 @@ logged) and the demo (``make demo``: demo_cpu on the prepared sample, 60 steps, 
 
 A change that is *meant* to change the losses (the fidelity issue) re-records them in its own
 commit, saying why. The floats compare exactly on the machine kind they were recorded on (same
-torch, same CPU capability); elsewhere CPU kernels may round differently (see :func:`compare`).
+torch, DeepSpeed and numpy, same CPU); elsewhere only the first logged step (see :func:`compare`).
 """
 from __future__ import annotations
 
@@ -72,24 +72,41 @@ def run_demo(folder: Path, sample: Path) -> dict[str, dict[str, float]]:
 
 
 def machine() -> dict[str, str]:
+    """What the floats depend on besides the code: library versions and the CPU they ran on."""
+    import importlib.metadata as metadata
+    import platform
+
     import torch
 
-    return {"torch": torch.__version__.split("+")[0], "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    return {"torch": torch.__version__.split("+")[0], "deepspeed": metadata.version("deepspeed"),
+            "numpy": metadata.version("numpy"), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu": cpu}
 
 
 def compare(actual: dict[str, dict[str, float]], expected: dict[str, dict[str, float]],
             recorded_on: dict[str, str]) -> list[str]:
-    """Differences between two loss tables: exact on the recording machine kind, else rel 1e-5."""
+    """Differences between two loss tables.
+
+    On the machine kind they were recorded on (same libraries, same CPU) every logged float must be equal.
+    Elsewhere a CPU kernel or a library may round one operation differently, and training amplifies a
+    1e-7 difference into percent-size ones within a few steps (measured: a fresh install of the same
+    torch version gave equal losses for 4 steps, then drifted). So only the first logged step is compared
+    there, at rel 1e-4: a changed loss or model still shows, rounding does not.
+    """
     exact = machine() == recorded_on
     problems = []
     if sorted(actual, key=int) != sorted(expected, key=int):
         return [f"logged steps {sorted(actual, key=int)} != recorded {sorted(expected, key=int)}"]
-    for step, row in expected.items():
-        for key, value in row.items():
+    steps = sorted(expected, key=int) if exact else sorted(expected, key=int)[:1]
+    for step in steps:
+        for key, value in expected[step].items():
             got = actual[step].get(key)
-            same = got == value if exact else got is not None and abs(got - value) <= 1e-5 * abs(value)
+            same = got == value if exact else got is not None and abs(got - value) <= 1e-4 * abs(value)
             if not same:
-                problems.append(f"step {step} {key}: {got!r} != recorded {value!r}")
+                problems.append(f"step {step} {key}: {got!r} != recorded {value!r}"
+                                + ("" if exact else " (other machine kind: first step, rel 1e-4)"))
     return problems
 
 
