@@ -141,28 +141,36 @@ def timm_backbone_state(cfg: FinetuneConfig, weights: str | Path) -> dict[str, t
     return timm_to_backbone(timm_state, sensor)
 
 
-def build_finetune_model(cfg: FinetuneConfig, pretrained: str | Path | None = None, stats: Stats | None = None,
-                         ) -> tuple[DownstreamTask, TransferReport | None]:
-    """The task module of ``cfg``, initialised as ``transfer.init`` says; frozen backbone for linear probing."""
+def resolve_encoder(cfg: FinetuneConfig, pretrained: str | Path | None = None) -> ModelConfig:
+    """The encoder config ``transfer.init`` leads to (the checkpoint's architecture for ``pretrained``), checked
+    against the other arguments; builds nothing."""
     init = cfg.transfer.init
-    report = None
     if init == "pretrained":
         if pretrained is None:
             raise UserError("transfer.init is 'pretrained': pass --pretrained CKPT_DIR (a pretraining checkpoint "
                             "or run folder), or set transfer.init=random for the random-init baseline")
-        state = backbone_state(load_model_state_dict(pretrained))
-        model_cfg = encoder_config(cfg, checkpoint_model_config(load_client_state(pretrained)))
-        model = new_model(cfg, model_cfg, stats)
-        report = load_pretrained(model, state)
+        return encoder_config(cfg, checkpoint_model_config(load_client_state(pretrained)))
+    if init == "timm" and cfg.model.moe.enabled:
+        raise UserError("transfer.init=timm: timm Swin weights are dense; set model.moe.enabled=false")
+    if init == "random" and pretrained is not None:
+        raise UserError(f"--pretrained was given but transfer.init={init}; set transfer.init=pretrained")
+    return encoder_config(cfg, None)
+
+
+def build_finetune_model(cfg: FinetuneConfig, pretrained: str | Path | None = None, stats: Stats | None = None,
+                         model_cfg: ModelConfig | None = None) -> tuple[DownstreamTask, TransferReport | None]:
+    """The task module of ``cfg``, initialised as ``transfer.init`` says; frozen backbone for linear probing.
+
+    ``model_cfg``: the encoder config :func:`resolve_encoder` gave (resolved here when None)."""
+    init = cfg.transfer.init
+    model_cfg = model_cfg if model_cfg is not None else resolve_encoder(cfg, pretrained)
+    model = new_model(cfg, model_cfg, stats)
+    report = None
+    if init == "pretrained":
+        assert pretrained is not None  # resolve_encoder refused it
+        report = load_pretrained(model, backbone_state(load_model_state_dict(pretrained)))
     elif init == "timm":
-        if cfg.model.moe.enabled:
-            raise UserError("transfer.init=timm: timm Swin weights are dense; set model.moe.enabled=false")
-        model = new_model(cfg, encoder_config(cfg, None), stats)
         report = load_pretrained(model, timm_backbone_state(cfg, cfg.transfer.timm_weights))
-    else:
-        if pretrained is not None:
-            raise UserError(f"--pretrained was given but transfer.init={init}; set transfer.init=pretrained")
-        model = new_model(cfg, encoder_config(cfg, None), stats)
     if report is not None:
         log.info(report.summary())
     if cfg.transfer.freeze_encoder:

@@ -30,7 +30,7 @@ import torch
 from msgfm.config import FinetuneConfig, ModelConfig, load_finetune_config, save_finetune_config
 from msgfm.data.stats import Stats
 from msgfm.errors import MissingFileError, UserError
-from msgfm.finetune.build import build_finetune_model
+from msgfm.finetune.build import build_finetune_model, resolve_encoder
 from msgfm.finetune.data import EpochBatches, TaskDataset, make_loader, split_paths, task_stats
 from msgfm.finetune.evaluate import evaluate, summary_line, write_outputs
 from msgfm.finetune.options import param_groups, select_train_fraction
@@ -39,6 +39,7 @@ from msgfm.tasks.downstream import DownstreamTask
 from msgfm.tasks.metrics import scalars
 from msgfm.train import checkpoint as ckpt
 from msgfm.train import ds_config as dsc
+from msgfm.train.config_guard import guard_resume, note_changes
 from msgfm.train.engine import build_engine, total_steps
 from msgfm.train.optim import optimizer_class
 from msgfm.train.runtime import device_name, git_commit, init_process_group, seed_everything
@@ -56,8 +57,9 @@ BEST_METRIC = {"multilabel": ("mAP_micro", True), "segmentation": ("mIoU", True)
 
 def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task_name: str | None = None,
              pretrained: str | None, data_root: str | None, output_dir: str, eval_only: bool = False,
-             checkpoint: str | None = None) -> int:
-    """Fine-tune (or, with ``eval_only``, evaluate) one task; returns the exit code."""
+             checkpoint: str | None = None, allow_config_change: bool = False) -> int:
+    """Fine-tune (or, with ``eval_only``, evaluate) one task; returns the exit code. ``allow_config_change``:
+    resume a run folder whose checkpoint was written with other training settings (msgfm/train/config_guard.py)."""
     cfg = load_finetune_config(config, overrides)
     if task_name is not None and cfg.task.name != task_name:
         raise UserError(f"--task {task_name} but config '{config}' is for task '{cfg.task.name}'; pass a config of "
@@ -77,8 +79,14 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
     if eval_only:
         return _evaluate_only(cfg, checkpoint, stats, root, out, rank, world)
 
-    task, report = build_finetune_model(cfg, pretrained, stats)
-    cfg.model = task.backbone.model_cfg  # what config.yaml and the checkpoints record: the encoder actually built
+    ckpt.prepare_run_folder(out, rank)
+    dist.barrier()
+    latest = ckpt.find_resumable(out / "checkpoints")  # collective: every rank verifies what it will read
+    model_cfg = resolve_encoder(cfg, pretrained)
+    cfg.model = model_cfg  # what config.yaml and the checkpoints record: the encoder actually built
+    # before anything is built: a changed architecture is one line, not a failed load
+    changes = guard_resume(latest, cfg.to_dict(), allow_config_change, rank) if latest is not None else []
+    task, report = build_finetune_model(cfg, pretrained, stats, model_cfg)
     train_batches, val_set = _training_data(cfg, task, stats, root, out, rank, world, on_gpu)
     groups = param_groups(task, weight_decay=cfg.optimizer.weight_decay, layer_decay=cfg.transfer.layer_decay,
                           depths=cfg.model.depths, no_weight_decay=task.no_weight_decay())
@@ -98,14 +106,13 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
     trainer = Trainer(engine, train_batches, base_lrs={cfg.task.name: cfg.train.lr}, schedule=schedule,
                       settings=settings, tracker=tracker, output_dir=out, rank=rank, world_size=world,
                       client_extra=client_extra, evaluator=evaluator)
-    ckpt.prepare_run_folder(out, rank)
-    dist.barrier()
-    latest = ckpt.find_resumable(out / "checkpoints")  # collective: every rank verifies what it will read
     if latest is not None:
         trainer.resume(latest)
     if rank == 0:
         _start_tracking(trainer, cfg, ds_config, report, opt_name, len(train_batches.dataset),
                         resumed=latest is not None)
+        if latest is not None:
+            note_changes(tracker, trainer.step, latest, changes)
     try:
         trainer.fit()
         _final_test(trainer, cfg, stats, root, class_names)
