@@ -7,7 +7,7 @@
     python launchers/finetune.py --deepspeed_config ds_configs/cpu.json --task ben --config ft_ben_tiny \
         --eval-only --checkpoint runs/ft_ben_tiny --data-root data/ben_tiny --output-dir runs/ft_ben_tiny
 
---config defaults to ft_<task>. Trailing ``dotted.key=value`` arguments override the config
+--config defaults to ft_<task>. ``dotted.key=value`` arguments, anywhere on the command line, override the config
 (``transfer.method=separate``, ``data.train_fraction=0.1``, ``transfer.init=random``). See docs/finetune.md.
 """
 import argparse

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 launchers/pretrain.py --deepspeed_config ...
     python launchers/pretrain.py --deepspeed_config ds_configs/v100x8.json --dry-run   # check on one CPU
 
-Trailing ``dotted.key=value`` arguments override the config (``train.max_steps=100``).
+``dotted.key=value`` arguments, anywhere on the command line, override the config (``train.max_steps=100``).
 """
 import argparse
 import sys

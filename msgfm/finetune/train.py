@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import deepspeed.comm as dist
 import torch
 
-from msgfm.config import FinetuneConfig, ModelConfig, load_finetune_config, save_finetune_config
+from msgfm.config import FinetuneConfig, ModelConfig, load_finetune_config, read_yaml_tree, save_finetune_config
 from msgfm.data.stats import Stats
 from msgfm.errors import MissingFileError, UserError
-from msgfm.finetune.build import build_finetune_model, resolve_encoder
+from msgfm.finetune.build import build_finetune_model, refuse_dropped_model_overrides, resolve_encoder
 from msgfm.finetune.data import EpochBatches, TaskDataset, make_loader, split_paths, task_stats
 from msgfm.finetune.evaluate import evaluate, summary_line, write_outputs
 from msgfm.finetune.options import param_groups, select_train_fraction
@@ -77,12 +77,14 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
     seed_everything(cfg.train.seed)  # same initial head weights on every rank
     stats = task_stats(cfg, root)
     if eval_only:
-        return _evaluate_only(cfg, checkpoint, stats, root, out, rank, world)
+        return _evaluate_only(cfg, checkpoint, stats, root, out, rank, world, overrides)
 
     ckpt.prepare_run_folder(out, rank)
     dist.barrier()
     latest = ckpt.find_resumable(out / "checkpoints")  # collective: every rank verifies what it will read
     model_cfg = resolve_encoder(cfg, pretrained)
+    if pretrained is not None:
+        refuse_dropped_model_overrides(overrides, model_cfg, f"the pretrained checkpoint {pretrained}")
     cfg.model = model_cfg  # what config.yaml and the checkpoints record: the encoder actually built
     # before anything is built: a changed architecture is one line, not a failed load
     changes = guard_resume(latest, cfg.to_dict(), allow_config_change, rank) if latest is not None else []
@@ -238,12 +240,25 @@ def _save_best(task: DownstreamTask, folder: Path, result: dict[str, Any], epoch
     tracker.log_artifact(lambda: folder / "metrics.json", "best")
 
 
+def _not_fine_tuned(checkpoint: str | Path) -> UserError:
+    return UserError(f"--checkpoint {checkpoint} is a pretraining run, not a fine-tuned model: --eval-only scores "
+                     f"a fine-tuning run folder or its best/model.pt; to fine-tune from {checkpoint} pass it as "
+                     f"--pretrained (without --eval-only)")
+
+
 def _fine_tuned_model_config(checkpoint: str | Path, default: ModelConfig) -> ModelConfig:
-    """The encoder config a fine-tuning run recorded in its config.yaml (the checkpoint's architecture)."""
+    """The encoder config a fine-tuning run recorded in its config.yaml (the checkpoint's architecture);
+    a pretraining run is refused in one line."""
     path = Path(checkpoint)
     run_dir = path if path.is_dir() else path.parent.parent  # <run>/best/model.pt -> <run>
     if (run_dir / "config.yaml").is_file():
+        if "task" not in read_yaml_tree(run_dir / "config.yaml"):
+            raise _not_fine_tuned(checkpoint)
         return load_finetune_config(run_dir / "config.yaml").model
+    if path.is_dir() and not (path / "best" / "model.pt").is_file():  # a DeepSpeed checkpoint folder
+        info = ckpt.load_client_state(path).get("msgfm", {})
+        if isinstance(info, Mapping) and info.get("kind") != "finetune":
+            raise _not_fine_tuned(checkpoint)
     print(f"--eval-only: no config.yaml in {run_dir}; building the encoder from the task config's model section",
           flush=True)
     return default
@@ -284,11 +299,12 @@ def _final_test(trainer: Trainer, cfg: FinetuneConfig, stats: Stats, root: Path,
 
 
 def _evaluate_only(cfg: FinetuneConfig, checkpoint: str | None, stats: Stats, root: Path, out: Path, rank: int,
-                   world: int) -> int:
+                   world: int, overrides: Sequence[str]) -> int:
     """``--eval-only``: the fine-tuned weights of ``checkpoint`` on the val and test splits."""
     assert checkpoint is not None
     cfg.transfer.init = "random"  # weights come from the fine-tuned checkpoint
     cfg.model = _fine_tuned_model_config(checkpoint, cfg.model)
+    refuse_dropped_model_overrides(overrides, cfg.model, f"the fine-tuned run {checkpoint}")
     task, _ = build_finetune_model(cfg, None, stats)
     task.load_state_dict(_fine_tuned_state(checkpoint))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
