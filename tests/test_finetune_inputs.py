@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,25 @@ def test_eval_only_at_a_pretraining_run_says_what_to_pass(vaihingen_shards, tmp_
                        f"{checkpoint} pass it as --pretrained (without --eval-only)")
     assert not (tmp_path / "eval" / "eval" / "metrics.json").exists()
     assert json.loads((run / "checkpoints" / "step00000001" / "COMPLETE").read_text())["step"] == 1  # untouched
+
+
+def test_train_subset_written_by_two_nodes_with_the_same_pid_at_once(tmp_path, monkeypatch):
+    """Ranks of two nodes on a shared filesystem can have the same pid: while one writes the subset file, the
+    other writes it too; neither may move the other's temporary file away."""
+    from msgfm.finetune import options
+
+    ids = [f"s{i}" for i in range(20)]
+    path = tmp_path / "train_ids_0.5_seed0.txt"
+    monkeypatch.setattr(os, "getpid", lambda: 4242)  # the same pid on both "nodes"
+    real_replace, other = os.replace, []
+
+    def replace_after_the_other_node(src, dst):  # Path.replace goes through os.replace too
+        if not other:  # the other node's rank writes and publishes in between
+            other.append(None)
+            other[0] = options.select_train_fraction(ids, 0.5, 0, path)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_after_the_other_node)
+    chosen = options.select_train_fraction(ids, 0.5, 0, path)
+    assert other == [chosen] and path.read_text().splitlines()[1:] == chosen
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
