@@ -7,7 +7,7 @@
     python launchers/finetune.py --deepspeed_config ds_configs/cpu.json --task ben --config ft_ben_tiny \
         --eval-only --checkpoint runs/ft_ben_tiny --data-root data/ben_tiny --output-dir runs/ft_ben_tiny
 
---config defaults to ft_<task>. Trailing ``dotted.key=value`` arguments override the config
+--config defaults to ft_<task>. ``dotted.key=value`` arguments, anywhere on the command line, override the config
 (``transfer.method=separate``, ``data.train_fraction=0.1``, ``transfer.init=random``). See docs/finetune.md.
 """
 import argparse
@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="checkpoints, MLflow store, figures (default: runs/ft_<task>)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the val and test splits")
     parser.add_argument("--checkpoint", default=None, help="with --eval-only: a fine-tuning run folder or weights")
+    parser.add_argument("--allow-config-change", action="store_true", help="resume a run folder whose checkpoint "
+                        "was written with other training settings (learning rates, batch sizes, ...): the "
+                        "differences are printed and recorded; architecture changes are always refused")
     return parse_launcher_args(parser, argv)
 
 
@@ -36,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_reporting_user_errors("finetune", lambda: finetune(
         args.config or f"ft_{args.task}", args.overrides, args.deepspeed_config, task_name=args.task,
         pretrained=args.pretrained, data_root=args.data_root, output_dir=args.output_dir or f"runs/ft_{args.task}",
-        eval_only=args.eval_only, checkpoint=args.checkpoint), verbose=args.verbose)
+        eval_only=args.eval_only, checkpoint=args.checkpoint, allow_config_change=args.allow_config_change),
+        verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 launchers/pretrain.py --deepspeed_config ...
     python launchers/pretrain.py --deepspeed_config ds_configs/v100x8.json --dry-run   # check on one CPU
 
-Trailing ``dotted.key=value`` arguments override the config (``train.max_steps=100``).
+``dotted.key=value`` arguments, anywhere on the command line, override the config (``train.max_steps=100``).
 """
 import argparse
 import sys
@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "on this machine, print parameter counts and memory, do not train")
     parser.add_argument("--world-size", type=int, default=None, help="dry run: target world size (default: "
                         "from the ds_config name, v100x8 -> 8)")
+    parser.add_argument("--allow-config-change", action="store_true", help="resume a run folder whose checkpoint "
+                        "was written with other training settings (learning rates, batch sizes, ...): the "
+                        "differences are printed and recorded; architecture changes are always refused")
     return parse_launcher_args(parser, argv)
 
 
@@ -31,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_reporting_user_errors("pretrain", lambda: pretrain(
         args.config, args.overrides, args.deepspeed_config, args.data_root, args.output_dir,
-        dry_run=args.dry_run, world_size=args.world_size), verbose=args.verbose)
+        dry_run=args.dry_run, world_size=args.world_size,
+        allow_config_change=args.allow_config_change), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -161,10 +161,12 @@ def test_sen12mscr_end_to_end_from_pretrained(single_rank_dist, tmp_path, capsys
     write_stats(sorted((tmp_path / "shards").glob("*.h5")), progress=False)
     pretrained = write_pretraining_checkpoint(tmp_path / "pretrain")
     out = tmp_path / "run"
-    # the task config asks for a wider encoder: the checkpoint's architecture (embed 32) is what gets built
-    other_width = ["model.embed_dim=48", "model.num_heads=[2, 4, 8, 16]"]
-    assert _run("ft_sen12mscr_tiny", tmp_path / "shards", out, "train.max_steps=2", *other_width,
-                pretrained=pretrained, task_name="sen12mscr") == 0
+    # the task config file asks for a wider encoder (its model section is for init random): the checkpoint's
+    # architecture (embed 32) is what gets built
+    wider = tmp_path / "ft_wider.yaml"
+    wider.write_text("_base_: ft_sen12mscr_tiny\nmodel:\n  embed_dim: 48\n  num_heads: [2, 4, 8, 16]\n")
+    assert _run(str(wider), tmp_path / "shards", out, "train.max_steps=2", pretrained=pretrained,
+                task_name="sen12mscr") == 0
     printed = capsys.readouterr().out
     assert "sensor embeddings: {'sar': 'pretrained', 's2': 'pretrained'}" in printed
     best = json.loads((out / "best" / "metrics.json").read_text())
@@ -173,7 +175,7 @@ def test_sen12mscr_end_to_end_from_pretrained(single_rank_dist, tmp_path, capsys
     assert "transfer: " in (out / "transfer.txt").read_text()
     assert load_finetune_config(out / "config.yaml").model.embed_dim == 32  # the run records what it built
     # --eval-only rebuilds that encoder from the run's config.yaml, whatever the task config says
-    assert _run("ft_sen12mscr_tiny", tmp_path / "shards", tmp_path / "eval", *other_width, eval_only=True,
+    assert _run(str(wider), tmp_path / "shards", tmp_path / "eval", eval_only=True,
                 checkpoint=str(out / "best" / "model.pt")) == 0
     again = json.loads((tmp_path / "eval" / "eval" / "metrics.json").read_text())["val"]
     assert again["MAE"] == pytest.approx(best["MAE"], rel=1e-5)

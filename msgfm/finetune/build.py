@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from msgfm.config import FinetuneConfig, ModelConfig, from_dict
+from msgfm.config import FinetuneConfig, ModelConfig, from_dict, parse_override
 from msgfm.data.stats import Stats
 from msgfm.errors import MissingFileError, UserError
 from msgfm.finetune.options import freeze
@@ -33,6 +33,7 @@ from msgfm.models import MsGFMBackbone, backbone_state, timm_to_backbone
 from msgfm.sensors import get_sensor
 from msgfm.tasks.downstream import TASK_CLASSES, DownstreamTask, backbone_embeddings, stacked_name
 from msgfm.train.checkpoint import load_client_state, load_model_state_dict
+from msgfm.train.config_guard import config_values_equal
 from msgfm.train.safe_load import load_weights
 
 log = logging.getLogger(__name__)
@@ -141,28 +142,82 @@ def timm_backbone_state(cfg: FinetuneConfig, weights: str | Path) -> dict[str, t
     return timm_to_backbone(timm_state, sensor)
 
 
-def build_finetune_model(cfg: FinetuneConfig, pretrained: str | Path | None = None, stats: Stats | None = None,
-                         ) -> tuple[DownstreamTask, TransferReport | None]:
-    """The task module of ``cfg``, initialised as ``transfer.init`` says; frozen backbone for linear probing."""
+def pretraining_client_state(pretrained: str | Path) -> Mapping[str, Any]:
+    """The client state of the checkpoint ``--pretrained`` names; a fine-tuning run is refused, in one line."""
+    client = load_client_state(pretrained)
+    info = client.get("msgfm", {})
+    config = info.get("config") if isinstance(info, Mapping) else None
+    if isinstance(info, Mapping) and (info.get("kind") == "finetune" or (isinstance(config, Mapping)
+                                                                          and "task" in config)):
+        task = config.get("task", {}).get("name", "?") if isinstance(config, Mapping) else "?"
+        raise UserError(f"--pretrained {pretrained} is a fine-tuning run (task '{task}'), not a pretraining "
+                        f"checkpoint: pass a pretraining run folder or checkpoint; to score this run use "
+                        f"--eval-only --checkpoint {pretrained}")
+    return client
+
+
+def resolve_encoder(cfg: FinetuneConfig, pretrained: str | Path | None = None) -> ModelConfig:
+    """The encoder config ``transfer.init`` leads to (the checkpoint's architecture for ``pretrained``), checked
+    against the other arguments; builds nothing."""
     init = cfg.transfer.init
-    report = None
     if init == "pretrained":
         if pretrained is None:
             raise UserError("transfer.init is 'pretrained': pass --pretrained CKPT_DIR (a pretraining checkpoint "
                             "or run folder), or set transfer.init=random for the random-init baseline")
-        state = backbone_state(load_model_state_dict(pretrained))
-        model_cfg = encoder_config(cfg, checkpoint_model_config(load_client_state(pretrained)))
-        model = new_model(cfg, model_cfg, stats)
-        report = load_pretrained(model, state)
+        return encoder_config(cfg, checkpoint_model_config(pretraining_client_state(pretrained)))
+    if init == "timm" and cfg.model.moe.enabled:
+        raise UserError("transfer.init=timm: timm Swin weights are dense; set model.moe.enabled=false")
+    if init == "random" and pretrained is not None:
+        raise UserError(f"--pretrained was given but transfer.init={init}; set transfer.init=pretrained")
+    return encoder_config(cfg, None)
+
+
+def _override_leaves(parts: list[str], value: Any) -> list[tuple[list[str], Any]]:
+    if isinstance(value, Mapping):
+        return [leaf for k, v in value.items() for leaf in _override_leaves([*parts, str(k)], v)]
+    return [(parts, value)]
+
+
+def refuse_dropped_model_overrides(overrides: Sequence[str], built: ModelConfig, source: str) -> None:
+    """An override of the encoder that ``source`` (a checkpoint) replaces is refused with its key, not dropped.
+
+    Only :data:`FINETUNE_MODEL_KEYS` are taken from the fine-tuning config when the architecture comes from a
+    checkpoint; an override of any other ``model.*`` key that differs from what is built would be ignored."""
+    tree = dataclasses.asdict(built)
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[0] != "model":
+            continue
+        for path, leaf in _override_leaves(parts[1:], value):
+            if not path or path[0] in FINETUNE_MODEL_KEYS:
+                continue
+            node: Any = tree
+            for part in path:  # moe.blocks has integer keys
+                node = node.get(int(part) if part.isdigit() else part) if isinstance(node, dict) else None
+            if node is not None and config_values_equal(node, leaf):
+                continue
+            key = "model." + ".".join(path)
+            built_value = "not set" if node is None else f"{node!r}"
+            raise UserError(f"override '{text}': the encoder's architecture comes from {source} ({key} is "
+                            f"{built_value} there), so {key} cannot change; fine-tuning may change only "
+                            f"{', '.join('model.' + k for k in FINETUNE_MODEL_KEYS)}. Drop the override, or set "
+                            f"transfer.init=random to build the encoder from the config")
+
+
+def build_finetune_model(cfg: FinetuneConfig, pretrained: str | Path | None = None, stats: Stats | None = None,
+                         model_cfg: ModelConfig | None = None) -> tuple[DownstreamTask, TransferReport | None]:
+    """The task module of ``cfg``, initialised as ``transfer.init`` says; frozen backbone for linear probing.
+
+    ``model_cfg``: the encoder config :func:`resolve_encoder` gave (resolved here when None)."""
+    init = cfg.transfer.init
+    model_cfg = model_cfg if model_cfg is not None else resolve_encoder(cfg, pretrained)
+    model = new_model(cfg, model_cfg, stats)
+    report = None
+    if init == "pretrained":
+        assert pretrained is not None  # resolve_encoder refused it
+        report = load_pretrained(model, backbone_state(load_model_state_dict(pretrained)))
     elif init == "timm":
-        if cfg.model.moe.enabled:
-            raise UserError("transfer.init=timm: timm Swin weights are dense; set model.moe.enabled=false")
-        model = new_model(cfg, encoder_config(cfg, None), stats)
         report = load_pretrained(model, timm_backbone_state(cfg, cfg.transfer.timm_weights))
-    else:
-        if pretrained is not None:
-            raise UserError(f"--pretrained was given but transfer.init={init}; set transfer.init=pretrained")
-        model = new_model(cfg, encoder_config(cfg, None), stats)
     if report is not None:
         log.info(report.summary())
     if cfg.transfer.freeze_encoder:

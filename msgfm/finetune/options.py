@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -106,8 +107,11 @@ def select_train_fraction(ids: Sequence[str], fraction: float, seed: int, path: 
     order = np.random.default_rng(seed).permutation(len(ids))[:count]
     chosen = [ids[i] for i in sorted(order)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # every rank draws the same ids and writes them
-    tmp.write_text("\n".join([header, *chosen]) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    # every rank draws the same ids and writes them; a temporary name of its own per writer (not the pid:
+    # ranks of two nodes on a shared filesystem may have the same pid and would move each other's file)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join([header, *chosen]) + "\n")
+    os.replace(tmp_name, path)
     return chosen
 

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import deepspeed.comm as dist
 import torch
 
-from msgfm.config import FinetuneConfig, ModelConfig, load_finetune_config, save_finetune_config
+from msgfm.config import FinetuneConfig, ModelConfig, load_finetune_config, read_yaml_tree, save_finetune_config
 from msgfm.data.stats import Stats
 from msgfm.errors import MissingFileError, UserError
-from msgfm.finetune.build import build_finetune_model
+from msgfm.finetune.build import build_finetune_model, refuse_dropped_model_overrides, resolve_encoder
 from msgfm.finetune.data import EpochBatches, TaskDataset, make_loader, split_paths, task_stats
 from msgfm.finetune.evaluate import evaluate, summary_line, write_outputs
 from msgfm.finetune.options import param_groups, select_train_fraction
@@ -39,6 +39,7 @@ from msgfm.tasks.downstream import DownstreamTask
 from msgfm.tasks.metrics import scalars
 from msgfm.train import checkpoint as ckpt
 from msgfm.train import ds_config as dsc
+from msgfm.train.config_guard import guard_resume, note_changes
 from msgfm.train.engine import build_engine, total_steps
 from msgfm.train.optim import optimizer_class
 from msgfm.train.runtime import device_name, git_commit, init_process_group, seed_everything
@@ -56,8 +57,9 @@ BEST_METRIC = {"multilabel": ("mAP_micro", True), "segmentation": ("mIoU", True)
 
 def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task_name: str | None = None,
              pretrained: str | None, data_root: str | None, output_dir: str, eval_only: bool = False,
-             checkpoint: str | None = None) -> int:
-    """Fine-tune (or, with ``eval_only``, evaluate) one task; returns the exit code."""
+             checkpoint: str | None = None, allow_config_change: bool = False) -> int:
+    """Fine-tune (or, with ``eval_only``, evaluate) one task; returns the exit code. ``allow_config_change``:
+    resume a run folder whose checkpoint was written with other training settings (msgfm/train/config_guard.py)."""
     cfg = load_finetune_config(config, overrides)
     if task_name is not None and cfg.task.name != task_name:
         raise UserError(f"--task {task_name} but config '{config}' is for task '{cfg.task.name}'; pass a config of "
@@ -75,10 +77,18 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
     seed_everything(cfg.train.seed)  # same initial head weights on every rank
     stats = task_stats(cfg, root)
     if eval_only:
-        return _evaluate_only(cfg, checkpoint, stats, root, out, rank, world)
+        return _evaluate_only(cfg, checkpoint, stats, root, out, rank, world, overrides)
 
-    task, report = build_finetune_model(cfg, pretrained, stats)
-    cfg.model = task.backbone.model_cfg  # what config.yaml and the checkpoints record: the encoder actually built
+    ckpt.prepare_run_folder(out, rank)
+    dist.barrier()
+    latest = ckpt.find_resumable(out / "checkpoints")  # collective: every rank verifies what it will read
+    model_cfg = resolve_encoder(cfg, pretrained)
+    if pretrained is not None:
+        refuse_dropped_model_overrides(overrides, model_cfg, f"the pretrained checkpoint {pretrained}")
+    cfg.model = model_cfg  # what config.yaml and the checkpoints record: the encoder actually built
+    # before anything is built: a changed architecture is one line, not a failed load
+    changes = guard_resume(latest, cfg.to_dict(), allow_config_change, rank) if latest is not None else []
+    task, report = build_finetune_model(cfg, pretrained, stats, model_cfg)
     train_batches, val_set = _training_data(cfg, task, stats, root, out, rank, world, on_gpu)
     groups = param_groups(task, weight_decay=cfg.optimizer.weight_decay, layer_decay=cfg.transfer.layer_decay,
                           depths=cfg.model.depths, no_weight_decay=task.no_weight_decay())
@@ -98,14 +108,13 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
     trainer = Trainer(engine, train_batches, base_lrs={cfg.task.name: cfg.train.lr}, schedule=schedule,
                       settings=settings, tracker=tracker, output_dir=out, rank=rank, world_size=world,
                       client_extra=client_extra, evaluator=evaluator)
-    ckpt.prepare_run_folder(out, rank)
-    dist.barrier()
-    latest = ckpt.find_resumable(out / "checkpoints")  # collective: every rank verifies what it will read
     if latest is not None:
         trainer.resume(latest)
     if rank == 0:
         _start_tracking(trainer, cfg, ds_config, report, opt_name, len(train_batches.dataset),
                         resumed=latest is not None)
+        if latest is not None:
+            note_changes(tracker, trainer.step, latest, changes)
     try:
         trainer.fit()
         _final_test(trainer, cfg, stats, root, class_names)
@@ -231,12 +240,25 @@ def _save_best(task: DownstreamTask, folder: Path, result: dict[str, Any], epoch
     tracker.log_artifact(lambda: folder / "metrics.json", "best")
 
 
+def _not_fine_tuned(checkpoint: str | Path) -> UserError:
+    return UserError(f"--checkpoint {checkpoint} is a pretraining run, not a fine-tuned model: --eval-only scores "
+                     f"a fine-tuning run folder or its best/model.pt; to fine-tune from {checkpoint} pass it as "
+                     f"--pretrained (without --eval-only)")
+
+
 def _fine_tuned_model_config(checkpoint: str | Path, default: ModelConfig) -> ModelConfig:
-    """The encoder config a fine-tuning run recorded in its config.yaml (the checkpoint's architecture)."""
+    """The encoder config a fine-tuning run recorded in its config.yaml (the checkpoint's architecture);
+    a pretraining run is refused in one line."""
     path = Path(checkpoint)
     run_dir = path if path.is_dir() else path.parent.parent  # <run>/best/model.pt -> <run>
     if (run_dir / "config.yaml").is_file():
+        if "task" not in read_yaml_tree(run_dir / "config.yaml"):
+            raise _not_fine_tuned(checkpoint)
         return load_finetune_config(run_dir / "config.yaml").model
+    if path.is_dir() and not (path / "best" / "model.pt").is_file():  # a DeepSpeed checkpoint folder
+        info = ckpt.load_client_state(path).get("msgfm", {})
+        if isinstance(info, Mapping) and info.get("kind") != "finetune":
+            raise _not_fine_tuned(checkpoint)
     print(f"--eval-only: no config.yaml in {run_dir}; building the encoder from the task config's model section",
           flush=True)
     return default
@@ -277,11 +299,12 @@ def _final_test(trainer: Trainer, cfg: FinetuneConfig, stats: Stats, root: Path,
 
 
 def _evaluate_only(cfg: FinetuneConfig, checkpoint: str | None, stats: Stats, root: Path, out: Path, rank: int,
-                   world: int) -> int:
+                   world: int, overrides: Sequence[str]) -> int:
     """``--eval-only``: the fine-tuned weights of ``checkpoint`` on the val and test splits."""
     assert checkpoint is not None
     cfg.transfer.init = "random"  # weights come from the fine-tuned checkpoint
     cfg.model = _fine_tuned_model_config(checkpoint, cfg.model)
+    refuse_dropped_model_overrides(overrides, cfg.model, f"the fine-tuned run {checkpoint}")
     task, _ = build_finetune_model(cfg, None, stats)
     task.load_state_dict(_fine_tuned_state(checkpoint))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

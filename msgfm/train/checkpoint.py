@@ -5,6 +5,7 @@ Layout under ``<output>/checkpoints``::
     step00000040/                 one complete DeepSpeed checkpoint (expert shards included)
         mp_rank_00_model_states.pt, layer_*_expert_*_..., *_optim_states.pt   (DeepSpeed)
         rank00000_client.pt ...   per-rank state: RNGs, data scheduler position
+        config.json               the resolved run config it was written with (config_guard.py)
         COMPLETE                  JSON manifest: every file with its size and CRC-32 (manifest.py)
     latest                        the tag of the newest complete checkpoint
     .rejected-step00000044/       a checkpoint that failed verification, kept for a look (never loaded)
@@ -44,6 +45,7 @@ from msgfm.train.save_guard import CheckpointError, WriteFailure, disk_full_reas
 TAG_RE = re.compile(r"^step(\d{8})$")
 LATEST = "latest"
 REJECTED_PREFIX = ".rejected-"
+CONFIG_FILE = "config.json"  # the resolved run config a checkpoint was written with (msgfm/train/config_guard.py)
 
 
 def tag_for(step: int) -> str:
@@ -237,8 +239,10 @@ def _raise_save_failure(failure: WriteFailure, root: Path, tag: str,
 
 
 def _publish(root: Path, tmp: Path, final: Path, step: int, world: int, files: dict[str, Any],
-             keep_last: int) -> None:
-    """Rank 0, once every rank's files are on disk: manifest, rename, ``latest``, pruning."""
+             keep_last: int, config: dict[str, Any] | None = None) -> None:
+    """Rank 0, once every rank's files are on disk: the config, manifest, rename, ``latest``, pruning."""
+    if config is not None:
+        manifest.write_durable(tmp / CONFIG_FILE, json.dumps(config, indent=1))
     unclaimed = [name for name in manifest.all_files(tmp) if name not in files]  # e.g. DeepSpeed's recovery scripts
     files.update(manifest.describe_files(tmp, unclaimed, rank=0))
     meta = {"step": step, "world_size": world, "tag": final.name, "format": manifest.MANIFEST_FORMAT,
@@ -258,8 +262,11 @@ def _publish(root: Path, tmp: Path, final: Path, step: int, world: int, files: d
 
 
 def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
-         keep_last: int) -> Path:
+         keep_last: int, config: dict[str, Any] | None = None) -> Path:
     """Save a complete, verified checkpoint for ``step`` on every rank; returns its folder. Collective.
+
+    ``config``: the resolved run config, kept beside the weights as ``config.json`` (a relaunch compares
+    its own config with it before building anything).
 
     Raises :class:`CheckpointError` (on every rank) when a rank could not write its files, e.g. a full
     disk: the partial save is removed and the message names the checkpoint that is kept.
@@ -285,7 +292,7 @@ def save(engine: Any, root: Path, step: int, client_state: dict[str, Any], rank_
     if rank == 0:
         entries = {name: entry for rank_files, _ in reports for name, entry in rank_files.items()}
         try:
-            _publish(root, tmp, final, step, world, entries, keep_last)
+            _publish(root, tmp, final, step, world, entries, keep_last, config)
         except Exception as err:  # tell the other ranks, who wait below, before stopping
             own_error = err
             outcome[0] = WriteFailure(0, COMPLETE, f"{type(err).__name__}: {err}", disk_full_reason(err, root),

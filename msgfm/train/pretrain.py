@@ -24,6 +24,7 @@ from msgfm.models import reinit_experts
 from msgfm.tasks import build_pretrain_task
 from msgfm.train import checkpoint as ckpt
 from msgfm.train import ds_config as dsc
+from msgfm.train.config_guard import guard_resume, note_changes
 from msgfm.train.engine import build_engine, total_steps
 from msgfm.train.evaluation import HeldOutLoss
 from msgfm.train.optim import build_optimizer
@@ -35,8 +36,10 @@ from msgfm.train.validate import resolve_data_root, startup_checks
 
 
 def pretrain(config: str, overrides: Sequence[str], ds_config_path: str, data_root: str | None,
-             output_dir: str, dry_run: bool = False, world_size: int | None = None) -> int:
-    """Run (or dry-run) pretraining; returns the process exit code."""
+             output_dir: str, dry_run: bool = False, world_size: int | None = None,
+             allow_config_change: bool = False) -> int:
+    """Run (or dry-run) pretraining; returns the process exit code. ``allow_config_change``: resume a run
+    folder whose checkpoint was written with other training settings (msgfm/train/config_guard.py)."""
     cfg = load_config(config, overrides)
     ds_config = dsc.load_ds_config(ds_config_path)
     ds_name = str(ds_config_path)
@@ -59,11 +62,15 @@ def pretrain(config: str, overrides: Sequence[str], ds_config_path: str, data_ro
     out = Path(output_dir)
     ckpt.prepare_run_folder(out, rank)
     dist.barrier()
-    trainer = build_trainer(cfg, ds_config, plan, out)
     latest = ckpt.find_resumable(out / "checkpoints")  # collective: every rank verifies what it will read
+    # before anything is built: a changed architecture is one line, not a failed load
+    changes = guard_resume(latest, cfg.to_dict(), allow_config_change, rank) if latest is not None else []
+    trainer = build_trainer(cfg, ds_config, plan, out)
     if latest is not None:
         trainer.resume(latest)
     start_tracking(trainer, cfg, plan, resumed=latest is not None)
+    if latest is not None and trainer.rank == 0:
+        note_changes(trainer.tracker, trainer.step, latest, changes)
     try:
         trainer.fit()
     finally:

@@ -37,6 +37,7 @@ from msgfm.config import TrackingConfig
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 500  # MLflow's limit on a param value (longer ones are clipped, the full text is an artifact)
+MAX_TAG_LENGTH = 5000  # a tag value is clipped to this (the full record is config_changes.jsonl)
 PROBE_TIMEOUT_S = 5.0  # an HTTP tracking server that does not answer /health within this is unreachable
 # MLflow's HTTP defaults (7 retries, 120 s timeout each) turn a server lost mid-run into minutes per call;
 # these apply unless the user set them (environment variables of the same names)
@@ -203,6 +204,14 @@ class Tracker:
         if self._mlflow_ok:
             self._queue.put(lambda: self._log_metrics(metrics, step))
 
+    def log_config_change(self, step: int, changes: list[dict[str, Any]], files: list[Path]) -> None:
+        """A resume that changed the config (``changes``: rows of key, old, new, kind): a tag naming them at
+        ``step``, a param per changed key (``changed.stepN.<key>``: MLflow never changes a logged param),
+        the metric ``config/changes`` at ``step`` (a mark on the curves), and ``files`` logged under ``config/``."""
+        if not self.active:
+            return
+        self._queue.put(lambda: self._log_config_change(step, changes, files))
+
     def log_artifact(self, make_file: Callable[[], Path], artifact_path: str) -> None:
         """``make_file`` runs on the tracking thread (render a figure there, not in the loop)."""
         if self.active:
@@ -304,6 +313,21 @@ class Tracker:
                  if step > self._logged_upto.get(metric_name(k), -1)]  # a resumed run may hold it already
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+
+    def _log_config_change(self, step: int, changes: list[dict[str, Any]], files: list[Path]) -> None:
+        if not self._mlflow_ok or self.run_id is None:
+            return
+        from mlflow.entities import Metric, Param, RunTag
+
+        summary = "; ".join(f"{c['key']}: {c['old']} -> {c['new']}" for c in changes)
+        tag = RunTag(f"config_change.step{step:08d}", summary[:MAX_TAG_LENGTH])
+        params = [Param(f"changed.step{step}.{c['key']}", str(c["new"])[:MAX_PARAM_LENGTH]) for c in changes]
+        metric = Metric("config/changes", float(len(changes)), int(time.time() * 1000), step)
+        self.client.log_batch(self.run_id, params=params[:100], tags=[tag], metrics=[metric])
+        for i in range(100, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        for path in files:
+            self.client.log_artifact(self.run_id, str(path), "config")
 
     def _log_artifact(self, make_file: Callable[[], Path], artifact_path: str) -> None:
         path = make_file()

@@ -226,7 +226,8 @@ class Trainer:
                             "steps_per_epoch": steps_per_epoch, **self.client_extra,
                             "evaluator": self.evaluator.state_dict() if self.evaluator is not None else {}}}
         rank_state = {"rng": ckpt.rng_state(), "data": self.data.state_dict(), "step": self.step}
-        path = ckpt.save(self.engine, self.ckpt_root, self.step, client, rank_state, self.settings.keep_last)
+        path = ckpt.save(self.engine, self.ckpt_root, self.step, client, rank_state, self.settings.keep_last,
+                         config=self.client_extra.get("config"))
         self.last_saved_step = self.step
         if self.rank == 0:
             print(f"step {self.step}: checkpoint {path}", flush=True)
