@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.make_sen12mscr import write_sen12mscr
+from fixtures.make_spacenet2 import write_spacenet2
 from fixtures.make_vaihingen import write_vaihingen
 
 from msgfm.config import list_configs, load_config
@@ -224,6 +225,27 @@ def test_finetuning_trains_at_the_scaled_rates(single_rank_dist, vaihingen_shard
     assert lr * schedule.factor(schedule.total_steps) == pytest.approx(1e-5 * 0.25)  # cosine floor
     assert max(seen["optimizer"]) == pytest.approx(lr)
     assert "LR: base 0.001 x global batch 2 / 8 = 0.00025; warm-up from 2.5e-06" in capsys.readouterr().out
+
+
+def test_ft_spacenet_is_the_papers_8_band_worldview3_setup():
+    task = load_finetune_config("ft_spacenet").task
+    assert (task.sensors, task.target_sensor, task.resolution_ratio) == (["pan", "wv3_ms"], "wv3_ms", 4)
+    assert load_finetune_config("ft_spacenet_tiny").task.sensors == ["pan", "wv2_ms"]  # its real data has 4 bands
+
+
+@pytest.mark.slow
+def test_spacenet2_8_band_pansharpening_end_to_end(single_rank_dist, tmp_path, capsys):
+    write_spacenet2(tmp_path / "SpaceNet2")
+    convert(["spacenet", str(tmp_path / "SpaceNet2"), "--size", "64", "-o", str(tmp_path / "shards"),
+             "--workers", "1"])
+    write_stats(sorted((tmp_path / "shards").glob("*.h5")), progress=False)
+    out = tmp_path / "run"
+    assert _run("ft_spacenet_tiny", tmp_path / "shards", out, "task.sensors=[pan, wv3_ms]",
+                "task.target_sensor=wv3_ms", "task.resolution_ratio=4", "transfer.init=random", "train.max_steps=2",
+                "train.max_eval_batches=1", "train.num_figures=0",
+                task_name="spacenet") == 0
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    assert best["PSNR"] > 20 and 0 < best["SSIM"] <= 1 and best["SAM"] > 0  # 11-bit numbers, 8 bands scored
 
 
 def launcher():
