@@ -1,8 +1,10 @@
 """Sensor specs and their registry: the one place that knows each sensor's bands.
 
 Built-in sensors cover the paper's four (``rgb``, ``s2``, ``sar``, ``dsm``), the
-13-band Sentinel-2 L1C variant (``s2_l1c``) and the WorldView-2 panchromatic and
-multispectral bands used by the SpaceNet pan-sharpening task. A new sensor needs
+13-band Sentinel-2 L1C variant (``s2_l1c``) and the WorldView panchromatic and
+multispectral bands of the SpaceNet pan-sharpening task: ``pan``, the 8-band
+WorldView-3 ``wv3_ms`` (SpaceNet 2, the paper's setup) and the 4-band ``wv2_ms`` (data
+with only those four bands, e.g. SpaceNet 6). A new sensor needs
 no code: declare it in a YAML file and pass ``--sensors FILE.yaml`` to any ``msgfm``
 command (:func:`add_sensors_arg`, :func:`load_sensors_file`), and under ``sensors:``
 in the run config the launchers take::
@@ -111,6 +113,12 @@ _BUILTIN = (
                description="WorldView-2 panchromatic (SpaceNet)"),
     SensorSpec(name="wv2_ms", bands=("blue", "green", "red", "nir1"), wavelengths_nm=(480.0, 545.0, 660.0, 835.0),
                gsd_m=2.0, rgb_bands=(2, 1, 0), description="WorldView-2 multispectral, 4 bands (SpaceNet)"),
+    # Band order of WorldView-3's 8-band multispectral products (SpaceNet 2's MUL GeoTIFFs); centre wavelengths
+    # are the midpoints of the bands' edges in DigitalGlobe's WorldView-3 specification.
+    SensorSpec(name="wv3_ms", bands=("coastal", "blue", "green", "yellow", "red", "rededge", "nir1", "nir2"),
+               wavelengths_nm=(425.0, 480.0, 545.0, 605.0, 660.0, 725.0, 832.5, 950.0), gsd_m=1.24,
+               rgb_bands=(4, 2, 1),
+               description="WorldView-3 multispectral, 8 bands (SpaceNet 2 MUL, 1.24 m at nadir)"),
 )
 
 _REGISTRY: dict[str, SensorSpec] = {spec.name: spec for spec in _BUILTIN}

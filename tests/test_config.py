@@ -33,11 +33,11 @@ def test_paper_config_numbers():
 
 def test_ablations_change_only_what_they_ablate():
     base = load_config("msgfm_swinb_192_ablation")
-    assert load_config("msgfm_swinb_192_nomoe").model.moe.enabled is False
-    assert load_config("msgfm_swinb_192_cross0").pretrain.cross_rate == 0.0
-    assert load_config("msgfm_swinb_192_cross1").pretrain.cross_rate == 1.0
-    assert [g.sensors for g in load_config("msgfm_swinb_192_single_s2").data.groups] == [["s2"]]
-    assert load_config("msgfm_swinb_192_cross0").model == base.model
+    assert load_config("msgfm_swinb_192_dense_cross50").model.moe.enabled is False
+    assert load_config("msgfm_swinb_192_moe_cross0").pretrain.cross_rate == 0.0
+    assert load_config("msgfm_swinb_192_moe_cross100").pretrain.cross_rate == 1.0
+    assert [g.sensors for g in load_config("msgfm_swinb_192_only_s2").data.groups] == [["s2"]]
+    assert load_config("msgfm_swinb_192_moe_cross0").model == base.model
     assert base.schedule.epochs == 100
 
 

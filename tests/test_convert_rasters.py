@@ -69,6 +69,34 @@ def test_raster_pair_tiles_on_the_finer_grid(landsat, tmp_path: Path) -> None:
                 assert (f["dsm"][i, 0] == expected).mean() > 0.99, tile_id
 
 
+def test_raster_pair_resize_keeps_each_tiles_footprint_at_coarser_pixels(landsat, tmp_path: Path) -> None:
+    rgb_path, dem_path = landsat
+    common = ["raster-pair", "--raster", f"rgb={rgb_path}", "--raster", f"dsm={dem_path}", "--size", "64",
+              "--stride", "64", "--resampling", "average", "--max-nodata", "0", "--workers", "1"]
+    convert([*common, "-o", str(tmp_path / "native")])
+    convert([*common, "--resize", "32", "-o", str(tmp_path / "resized")])  # as --size 768 --resize 384, halved
+    native, resized = read_shard_info(tmp_path / "native" / "pair-00000.h5"), \
+        read_shard_info(tmp_path / "resized" / "pair-00000.h5")
+    # nodata is judged on the stored pixels: averaging fills a pixel from the valid part of its block, so
+    # resized tiles pass --max-nodata 0 at least as often as native ones
+    assert resized.num_samples >= native.num_samples > 0
+    assert resized.sensors["rgb"].shape[1:] == (3, 32, 32) and resized.sensors["dsm"].shape[1:] == (1, 32, 32)
+    assert resized.sensors["rgb"].gsd_m == pytest.approx(2 * native.sensors["rgb"].gsd_m)
+    with h5py.File(tmp_path / "native" / "pair-00000.h5") as a, h5py.File(tmp_path / "resized" / "pair-00000.h5") as b:
+        ids_b = [i.decode() for i in b["ids"]]
+        for i, tile_id in enumerate(i.decode() for i in a["ids"]):
+            j = ids_b.index(tile_id)
+            np.testing.assert_allclose(b["transform"][j, [0, 4]], 2 * a["transform"][i, [0, 4]])  # pixel size x 2
+            np.testing.assert_allclose(b["transform"][j, [2, 5]], a["transform"][i, [2, 5]])  # same corner
+            # each stored pixel is the mean of the 2 x 2 source pixels it covers (the tile was copied natively)
+            blocks = a["rgb"][i].astype(np.float64).reshape(3, 32, 2, 32, 2).mean(axis=(2, 4))
+            assert np.abs(b["rgb"][j] - blocks).max() <= 1.0  # GDAL rounds to uint8
+            dsm_blocks = a["dsm"][i, 0].astype(np.float64).reshape(32, 2, 32, 2).mean(axis=(1, 3))
+            assert np.abs(b["dsm"][j, 0] - dsm_blocks).mean() < 0.02 * np.ptp(dsm_blocks) + 1
+    with pytest.raises(ValueError, match="--resize must be"):
+        convert([*common, "--resize", "0", "-o", str(tmp_path / "bad")])
+
+
 def test_raster_pair_skips_nodata_tiles(landsat, tmp_path: Path) -> None:
     rgb_path, dem_path = landsat
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.make_sen12mscr import write_sen12mscr
+from fixtures.make_spacenet2 import write_spacenet2
 from fixtures.make_vaihingen import write_vaihingen
 
 from msgfm.config import list_configs, load_config
@@ -17,6 +18,7 @@ from msgfm.data.convert import run as convert
 from msgfm.data.stats import load_stats, write_stats
 from msgfm.finetune.build import encoder_config, new_model
 from msgfm.finetune.data import TaskDataset
+from msgfm.finetune.options import scaled_rates
 from msgfm.finetune.train import finetune
 from msgfm.tasks import build_pretrain_task
 from msgfm.tasks.downstream import RestorationTask, degrade, sliding_window, window_starts
@@ -179,6 +181,73 @@ def test_sen12mscr_end_to_end_from_pretrained(single_rank_dist, tmp_path, capsys
                 checkpoint=str(out / "best" / "model.pt")) == 0
     again = json.loads((tmp_path / "eval" / "eval" / "metrics.json").read_text())["val"]
     assert again["MAE"] == pytest.approx(best["MAE"], rel=1e-5)
+
+
+def test_ft_ben_defaults_are_gfms_bigearthnet_setup():
+    cfg = load_finetune_config("ft_ben")  # GFM: configs/BEN.yaml over config.py's defaults
+    assert (cfg.model.img_size, cfg.model.window_size, cfg.model.drop_path_rate) == (128, 4, 0.1)
+    s = cfg.schedule
+    assert (s.epochs, s.warmup_epochs, s.kind, s.warmup_start_lr, s.min_lr) == (100, 20, "cosine", 1e-7, 1e-5)
+    assert (cfg.train.lr, cfg.train.lr_reference_batch, cfg.transfer.layer_decay) == (1e-4, 512, 0.9)
+    assert (cfg.optimizer.weight_decay, cfg.data.batch_size_per_gpu, cfg.data.eval_batch_size_per_gpu) == \
+        (0.05, 128, 128)
+
+
+@pytest.mark.parametrize("world, reference, factor", [(8, 512, 2.0), (1, 512, 0.25), (8, None, 1.0)])
+def test_linear_lr_scaling_multiplies_every_rate_by_global_batch_over_reference(world, reference, factor):
+    cfg = load_finetune_config("ft_ben", [f"train.lr_reference_batch={'null' if reference is None else reference}"])
+    rates = scaled_rates(cfg, world)
+    assert rates.global_batch == 128 * world and rates.factor == pytest.approx(factor)
+    assert rates.lr == pytest.approx(1e-4 * factor)
+    assert (rates.schedule.warmup_start_lr, rates.schedule.min_lr) == (pytest.approx(1e-7 * factor),
+                                                                      pytest.approx(1e-5 * factor))
+    assert rates.schedule.epochs == cfg.schedule.epochs and cfg.schedule.min_lr == 1e-5  # the config is unchanged
+    with pytest.raises(ValueError, match="train.lr_reference_batch"):
+        load_finetune_config("ft_ben", ["train.lr_reference_batch=0"])
+
+
+def test_finetuning_trains_at_the_scaled_rates(single_rank_dist, vaihingen_shards, tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def trainer_spy(engine, data, *, base_lrs, schedule, **_):
+        seen.update(base_lrs=base_lrs, schedule=schedule, optimizer=[g["lr"] for g in engine.optimizer.param_groups])
+        raise Built  # everything the run trains with is built: stop before the steps
+
+    monkeypatch.setattr("msgfm.finetune.train.Trainer", trainer_spy)
+    with pytest.raises(Built):  # batch 2 x 1 rank / 8: every rate x 0.25
+        _run("ft_vaihingen_tiny", vaihingen_shards, tmp_path / "run", "transfer.init=random",
+             "train.lr_reference_batch=8", task_name="vaihingen")
+    lr = seen["base_lrs"]["vaihingen"]
+    assert lr == pytest.approx(1e-3 * 0.25)
+    schedule = seen["schedule"]
+    assert lr * schedule.factor(0) == pytest.approx(1e-5 * 0.25)  # warm-up start, scaled alike
+    assert lr * schedule.factor(schedule.total_steps) == pytest.approx(1e-5 * 0.25)  # cosine floor
+    assert max(seen["optimizer"]) == pytest.approx(lr)
+    assert "LR: base 0.001 x global batch 2 / 8 = 0.00025; warm-up from 2.5e-06" in capsys.readouterr().out
+
+
+def test_ft_spacenet_is_the_papers_8_band_worldview3_setup():
+    task = load_finetune_config("ft_spacenet").task
+    assert (task.sensors, task.target_sensor, task.resolution_ratio) == (["pan", "wv3_ms"], "wv3_ms", 4)
+    assert load_finetune_config("ft_spacenet_tiny").task.sensors == ["pan", "wv2_ms"]  # its real data has 4 bands
+
+
+@pytest.mark.slow
+def test_spacenet2_8_band_pansharpening_end_to_end(single_rank_dist, tmp_path, capsys):
+    write_spacenet2(tmp_path / "SpaceNet2")
+    convert(["spacenet", str(tmp_path / "SpaceNet2"), "--size", "64", "-o", str(tmp_path / "shards"),
+             "--workers", "1"])
+    write_stats(sorted((tmp_path / "shards").glob("*.h5")), progress=False)
+    out = tmp_path / "run"
+    assert _run("ft_spacenet_tiny", tmp_path / "shards", out, "task.sensors=[pan, wv3_ms]",
+                "task.target_sensor=wv3_ms", "task.resolution_ratio=4", "transfer.init=random", "train.max_steps=2",
+                "train.max_eval_batches=1", "train.num_figures=0",
+                task_name="spacenet") == 0
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    assert best["PSNR"] > 20 and 0 < best["SSIM"] <= 1 and best["SAM"] > 0  # 11-bit numbers, 8 bands scored
 
 
 def launcher():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 from fixtures.make_sen12mscr import write_sen12mscr
+from fixtures.make_spacenet2 import write_spacenet2
 from fixtures.make_vaihingen import AREA_WITHOUT_DSM, write_vaihingen
 
 from msgfm.data.convert import run as convert
@@ -107,6 +108,51 @@ def test_spacenet_real_pan_ms_pair(realdata, tmp_path):
     assert data["pan"][index, 0, 0, 0] == pytest.approx(pan_HW[200:202, 400:402].mean())
     # stored in the registry's band order blue, green, red, nir1
     np.testing.assert_array_equal(data["wv2_ms"][index], ms_CHW[[2, 1, 0, 3], 100:200, 200:300].astype(np.float32))
+
+
+def test_spacenet2_layout_gives_8_band_worldview3_over_the_ms_pixels_the_pan_covers(tmp_path):
+    written = write_spacenet2(tmp_path / "SpaceNet2")
+    out = tmp_path / "out"
+    assert convert(["spacenet", str(tmp_path / "SpaceNet2"), "--size", "64", "-o", str(out), "--workers", "1"]) == 0
+    info = read_shard_info(out / "spacenet-00000.h5")
+    # 650 PAN px / 4 -> 162 whole MS pixels of the 163: 2 x 2 tiles of 64 per image, 2 Vegas images
+    assert set(info.sensors) == {"pan", "wv3_ms"} and info.sensors["wv3_ms"].shape == (8, 8, 64, 64)
+    assert info.sensors["wv3_ms"].bands == ("coastal", "blue", "green", "yellow", "red", "rededge", "nir1", "nir2")
+    assert info.sensors["pan"].gsd_m == info.sensors["wv3_ms"].gsd_m == pytest.approx(4 * 2.7e-6 * 111_320, rel=0.01)
+    data = _read(out / "spacenet-00000.h5")
+    for stem, (pan_HW, mul_CHW) in written.items():
+        index = data["ids"].index(f"{stem}_r64_c0")
+        np.testing.assert_array_equal(data["wv3_ms"][index], mul_CHW[:, 64:128, 0:64])  # file order = registry order
+        expected_pan = pan_HW[256:512, 0:256].astype(np.float64).reshape(64, 4, 64, 4).mean(axis=(1, 3))
+        np.testing.assert_allclose(data["pan"][index, 0], expected_pan, rtol=1e-6)
+    report = json.loads((out / "spacenet.skipped.json").read_text())
+    reasons = {Path(s["item"]).name if isinstance(s["item"], str) else str(s["item"]): s["reason"]
+               for s in report["skipped"]}
+    assert any("no PAN partner" in r for r in reasons.values())
+    assert any("not on a PAN pixel corner" in r for r in reasons.values())  # Paris: shifted by half a PAN pixel
+    assert len(reasons) == 2
+
+
+def test_spacenet2_into_the_4_band_sensor_and_bad_choices(tmp_path):
+    written = write_spacenet2(tmp_path / "SpaceNet2")
+    aoi = tmp_path / "SpaceNet2" / "AOI_2_Vegas_Train"  # one AOI folder works as the root too
+    out = tmp_path / "out"
+    assert convert(["spacenet", str(aoi), "--ms-sensor", "wv2_ms", "--ms-band-order",
+                    "coastal,blue,green,yellow,red,rededge,nir1,nir2", "--size", "81", "-o", str(out),
+                    "--workers", "1"]) == 0
+    data = _read(out / "spacenet-00000.h5")
+    index = data["ids"].index("MUL_AOI_2_Vegas_img2_r81_c0")
+    # blue, green, red, nir1 of the 8 bands
+    np.testing.assert_array_equal(data["wv2_ms"][index], written["MUL_AOI_2_Vegas_img2"][1][[1, 2, 4, 6], 81:162, 0:81])
+    with pytest.raises(ValueError, match="lacks band.*of wv3_ms"):
+        convert(["spacenet", str(aoi), "--ms-band-order", "blue,green,red,nir1", "-o", str(tmp_path / "x")])
+
+
+@pytest.mark.realdata
+def test_spacenet_4_band_data_stays_wv2_ms_and_8_bands_are_refused(realdata, tmp_path):
+    pan, ms = realdata / "spacenet6_rotterdam" / "pan1.tif", realdata / "spacenet6_rotterdam" / "ms1.tif"
+    with pytest.raises(ValueError, match="has 4 bands; wv3_ms .* needs 8"):
+        convert(["spacenet", "--pair", str(pan), str(ms), "--ms-sensor", "wv3_ms", "-o", str(tmp_path / "o")])
 
 
 @pytest.mark.realdata

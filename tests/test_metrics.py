@@ -57,6 +57,38 @@ def test_map_class_without_positives_is_left_out_of_macro():
     assert float(out["mAP_micro"]) == pytest.approx(average_precision_score(target, scores, average="micro"), abs=1e-6)
 
 
+@pytest.mark.parametrize("batch_sizes", [(64,), (16, 16, 16, 16), (30, 30, 4)])
+def test_gfm_batch_mean_map_is_the_image_weighted_mean_of_each_batchs_micro_ap(batch_sizes):
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(64, 19)).astype(np.float32)
+    target = (rng.random((64, 19)) < 0.2).astype(np.int64)
+    scores += 1.5 * target * rng.random((64, 1)).astype(np.float32)  # images that are easy and hard to score
+    metric = MultilabelMeanAP(19)
+    per_batch, start = [], 0
+    for size in batch_sizes:
+        rows = slice(start, start + size)
+        metric.update(torch.from_numpy(scores[rows]), torch.from_numpy(target[rows]))
+        per_batch.append((average_precision_score(target[rows].ravel(), scores[rows].ravel()), size))
+        start += size
+    out = metric.compute()
+    expected = sum(ap * n for ap, n in per_batch) / sum(n for _, n in per_batch)
+    assert float(out["mAP_batch_mean_gfm"]) == pytest.approx(expected, abs=1e-6)
+    # the headline stays the dataset-level AP, whatever the batching
+    assert float(out["mAP_micro"]) == pytest.approx(average_precision_score(target, scores, average="micro"), abs=1e-6)
+    if len(batch_sizes) > 1:  # and the per-batch average is another number
+        assert abs(float(out["mAP_batch_mean_gfm"]) - float(out["mAP_micro"])) > 1e-4
+
+
+def test_gfm_batch_mean_map_leaves_out_batches_without_positives():
+    target = torch.tensor([[1, 0], [0, 1], [0, 0], [0, 0]])
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.3], [0.5, 0.5], [0.4, 0.6]])
+    metric = MultilabelMeanAP(2)
+    metric.update(scores[:2], target[:2])
+    metric.update(scores[2:], target[2:])  # no positive label: no AP, left out
+    expected = average_precision_score(target[:2].numpy().ravel(), scores[:2].numpy().ravel())
+    assert float(metric.compute()["mAP_batch_mean_gfm"]) == pytest.approx(expected, abs=1e-6)
+
+
 def test_map_ties_and_perfect_scores():
     target = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]])
     metric = MultilabelMeanAP(2)

@@ -149,7 +149,11 @@ class FinetuneDataConfig:
 @dataclass(kw_only=True)
 class FinetuneTrainConfig:
     seed: int = 0
-    lr: float = 1e-4  # base LR (batch size as configured; the head and top layer get it, lower layers decay)
+    lr: float = 1e-4  # base LR (the head and top layer get it, lower layers decay)
+    # Linear LR scaling, GFM's convention (the paper's [39]): the rates in effect are train.lr,
+    # schedule.warmup_start_lr and schedule.min_lr x global batch (batch_size_per_gpu x ranks) /
+    # lr_reference_batch (GFM: 512). null: the rates are used as given.
+    lr_reference_batch: int | None = None
     max_steps: int | None = None
     log_interval: int = 10
     eval_interval_epochs: int = 1
@@ -162,6 +166,9 @@ class FinetuneTrainConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             config_error("train.lr", f"must be > 0, got {self.lr}")
+        if self.lr_reference_batch is not None and self.lr_reference_batch < 1:
+            config_error("train.lr_reference_batch", f"a batch size >= 1, or null for no scaling, got "
+                                                     f"{self.lr_reference_batch}")
         for key in ("log_interval", "eval_interval_epochs", "keep_last", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 config_error(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")

@@ -1,4 +1,10 @@
-"""Fine-tuning options the field expects: layer-wise LR decay, train fractions, frozen encoders.
+"""Fine-tuning options the field expects: linear LR scaling, layer-wise LR decay, train fractions,
+frozen encoders.
+
+Linear LR scaling (GFM's fine-tuning convention, which msGFM follows): with
+``train.lr_reference_batch`` set, every configured rate (``train.lr``,
+``schedule.warmup_start_lr``, ``schedule.min_lr``) is multiplied by the global batch
+(``data.batch_size_per_gpu`` x ranks) / ``lr_reference_batch``; see :func:`scaled_rates`.
 
 Layer ids follow SimMIM / BEiT for Swin: the patch embedding is layer 0, block j
 of stage i is layer ``sum(depths[:i]) + j + 1``, the patch merging that opens
@@ -9,17 +15,20 @@ trainer multiplies each group's LR by it (msgfm.train.optim.set_lr).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
+from msgfm.config import FinetuneConfig, ScheduleConfig
 from msgfm.errors import UserError
 
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.blocks\.(\d+)\.")
@@ -41,6 +50,35 @@ def swin_layer_id(name: str, depths: Sequence[int], encoder_prefix: str = ENCODE
     if match := _DOWNSAMPLE.search(name):
         return sum(depths[:int(match.group(1))])
     return top  # final norm
+
+
+@dataclass(frozen=True)
+class ScaledRates:
+    """The rates a fine-tuning run uses: the configured ones x ``factor``."""
+
+    lr: float
+    schedule: ScheduleConfig  # warmup_start_lr and min_lr scaled like lr
+    factor: float  # global_batch / reference_batch, 1 without scaling
+    global_batch: int
+    reference_batch: int | None
+
+    def describe(self, base_lr: float) -> str:
+        s = self.schedule
+        rule = (f"base {base_lr:g} x global batch {self.global_batch} / {self.reference_batch} = {self.lr:g}"
+                if self.reference_batch else f"{self.lr:g} as configured (train.lr_reference_batch: null)")
+        return (f"LR: {rule}; warm-up from {s.warmup_start_lr:g}"
+                + (f", cosine floor {s.min_lr:g}" if s.kind == "cosine" else ""))
+
+
+def scaled_rates(cfg: FinetuneConfig, world_size: int) -> ScaledRates:
+    """The rates in effect for ``world_size`` ranks: each configured rate x global batch / reference batch."""
+    global_batch = cfg.data.batch_size_per_gpu * world_size
+    reference = cfg.train.lr_reference_batch
+    factor = global_batch / reference if reference else 1.0
+    schedule = dataclasses.replace(cfg.schedule, warmup_start_lr=cfg.schedule.warmup_start_lr * factor,
+                                   min_lr=cfg.schedule.min_lr * factor)
+    return ScaledRates(lr=cfg.train.lr * factor, schedule=schedule, factor=factor, global_batch=global_batch,
+                       reference_batch=reference)
 
 
 def param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float, depths: Sequence[int],

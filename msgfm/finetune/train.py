@@ -33,7 +33,7 @@ from msgfm.errors import MissingFileError, UserError
 from msgfm.finetune.build import build_finetune_model, refuse_dropped_model_overrides, resolve_encoder
 from msgfm.finetune.data import EpochBatches, TaskDataset, make_loader, split_paths, task_stats
 from msgfm.finetune.evaluate import evaluate, summary_line, write_outputs
-from msgfm.finetune.options import param_groups, select_train_fraction
+from msgfm.finetune.options import param_groups, scaled_rates, select_train_fraction
 from msgfm.finetune.transfer import TransferReport
 from msgfm.tasks.downstream import DownstreamTask
 from msgfm.tasks.metrics import scalars
@@ -92,10 +92,13 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
     train_batches, val_set = _training_data(cfg, task, stats, root, out, rank, world, on_gpu)
     groups = param_groups(task, weight_decay=cfg.optimizer.weight_decay, layer_decay=cfg.transfer.layer_decay,
                           depths=cfg.model.depths, no_weight_decay=task.no_weight_decay())
+    rates = scaled_rates(cfg, world)  # GFM's linear rule with train.lr_reference_batch set
+    if rank == 0:
+        print(rates.describe(cfg.train.lr), flush=True)
     cls, extra, opt_name = optimizer_class(cfg.optimizer, on_gpu)
-    optimizer = cls(groups, lr=cfg.train.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, **extra)
+    optimizer = cls(groups, lr=rates.lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps, **extra)
     engine = build_engine(task, optimizer, ds_config, cfg.train.seed, rank)
-    schedule = LRSchedule(cfg.schedule, steps_per_epoch=train_batches.steps_per_epoch, reference_lr=cfg.train.lr)
+    schedule = LRSchedule(rates.schedule, steps_per_epoch=train_batches.steps_per_epoch, reference_lr=rates.lr)
     train = cfg.train
     settings = TrainerSettings(total_steps=total_steps(schedule, train.max_steps), log_interval=train.log_interval,
                                tracking_interval=train.log_interval, eval_interval_epochs=train.eval_interval_epochs,
@@ -105,7 +108,7 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
     class_names = _class_names(split_paths(cfg, root, "train")[0], cfg)
     evaluator = BestOnValidation(cfg, val_set, out, class_names)
     client_extra = {"config": cfg.to_dict(), "stats": stats.to_dict(), "kind": "finetune"}
-    trainer = Trainer(engine, train_batches, base_lrs={cfg.task.name: cfg.train.lr}, schedule=schedule,
+    trainer = Trainer(engine, train_batches, base_lrs={cfg.task.name: rates.lr}, schedule=schedule,
                       settings=settings, tracker=tracker, output_dir=out, rank=rank, world_size=world,
                       client_extra=client_extra, evaluator=evaluator)
     if latest is not None:
@@ -349,7 +352,8 @@ def _start_tracking(trainer: Trainer, cfg: FinetuneConfig, ds_config: dict[str, 
     trainer.tracker.open(run_name=f"{cfg.name}-{out.name}", resumed=resumed, resume_step=trainer.step,
                          params={"config": cfg.to_dict(), "resolved": {
                              "train_samples": num_train, "steps_per_epoch": steps_per_epoch,
-                             "total_steps": trainer.total_steps, "optimizer": opt_name}},
+                             "total_steps": trainer.total_steps, "optimizer": opt_name,
+                             "lr": trainer.base_lrs[cfg.task.name]}},
                          tags={"git_commit": git_commit(), "world_size": str(trainer.world_size),
                                "task": cfg.task.name, "devices": device_name()},
                          artifacts=artifacts)

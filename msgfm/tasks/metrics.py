@@ -18,7 +18,13 @@ Conventions, chosen once here and documented in docs/finetune.md:
   scikit-learn and torchmetrics score it 0, which pulls the macro mean down by
   an amount that depends only on which classes a small split happens to
   miss. We report its AP as NaN, leave it out of the macro mean and report how
-  many classes were left out.
+  many classes were left out. These dataset-level numbers are the headline.
+  Beside them, ``mAP_batch_mean_gfm`` is the number GFM's fine-tuning code (the
+  paper's [39]) reports for BigEarthNet: the micro AP of each evaluation batch
+  (all its image-label pairs pooled), averaged over batches weighted by their
+  images. It depends on the evaluation batch size and is not an AP of the set;
+  it is there to compare with numbers obtained that way. A batch without any
+  positive label has no AP and is left out of that mean.
 - ``SegmentationMetrics`` (Vaihingen): one confusion matrix over every labelled
   pixel of the set (``ignore_index`` pixels skipped). IoU_k = TP / (TP + FP + FN);
   a class absent from both prediction and reference has no IoU (NaN) and is
@@ -44,7 +50,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
-from torchmetrics.functional.classification import multilabel_average_precision
+from torchmetrics.functional.classification import binary_average_precision, multilabel_average_precision
 from torchmetrics.functional.image import (
     error_relative_global_dimensionless_synthesis,
     peak_signal_noise_ratio,
@@ -64,12 +70,15 @@ class MultilabelMeanAP(Metric):
     ``update(scores_BK, target_BK)`` takes scores of any monotone scale (logits or
     probabilities) and 0/1 targets. ``compute()`` returns ``mAP_micro``,
     ``mAP_macro`` (classes without positives left out, see the module docstring),
-    ``AP_per_class`` [K] (NaN where undefined) and ``classes_without_positives``.
+    ``AP_per_class`` [K] (NaN where undefined), ``classes_without_positives`` and
+    ``mAP_batch_mean_gfm`` (GFM's per-batch average, see the module docstring).
     """
 
     full_state_update = False
     scores: list[Tensor]  # states registered with add_state (gathered over ranks by torchmetrics)
     targets: list[Tensor]
+    batch_ap_sum: Tensor  # sum over batches of (micro AP of the batch x images in it)
+    batch_images: Tensor  # images in the batches that had an AP
 
     def __init__(self, num_labels: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -78,6 +87,8 @@ class MultilabelMeanAP(Metric):
         self.num_labels = num_labels
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("targets", default=[], dist_reduce_fx="cat")
+        self.add_state("batch_ap_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("batch_images", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, scores_BK: Tensor, target_BK: Tensor) -> None:
         if scores_BK.shape != target_BK.shape or scores_BK.ndim != 2 or scores_BK.shape[1] != self.num_labels:
@@ -85,6 +96,11 @@ class MultilabelMeanAP(Metric):
                             f"{tuple(scores_BK.shape)} and {tuple(target_BK.shape)}")
         self.scores.append(scores_BK.detach().float())
         self.targets.append(target_BK.detach().long())
+        if target_BK.any():  # GFM: torchmetrics' binary AP over the batch's flattened pairs
+            batch_ap = binary_average_precision(scores_BK.detach().float().flatten(),
+                                                target_BK.detach().long().flatten(), thresholds=None)
+            self.batch_ap_sum += batch_ap.double() * scores_BK.shape[0]
+            self.batch_images += scores_BK.shape[0]
 
     def compute(self) -> dict[str, Tensor]:
         scores = _cat(self.scores)
@@ -99,8 +115,10 @@ class MultilabelMeanAP(Metric):
             micro = multilabel_average_precision(scores, targets, self.num_labels, average="micro", thresholds=None)
         per_class = torch.where(has_positive, per_class, torch.full_like(per_class, float("nan")))
         macro = per_class[has_positive].mean() if has_positive.any() else torch.tensor(float("nan"))
+        batch_mean = (self.batch_ap_sum / self.batch_images).float() if self.batch_images > 0 \
+            else torch.tensor(float("nan"))
         return {"mAP_micro": micro, "mAP_macro": macro, "AP_per_class": per_class,
-                "classes_without_positives": (~has_positive).sum()}
+                "classes_without_positives": (~has_positive).sum(), "mAP_batch_mean_gfm": batch_mean}
 
 
 class SegmentationMetrics(Metric):

@@ -9,6 +9,12 @@ grid of the finer raster; the coarser one is resampled onto each tile's grid wit
 nodata pixels (in either raster) exceeds ``--max-nodata`` are skipped and reported. Both
 sensors record the GSD of the tile grid (the finer raster's pixel size), which is what their
 pixels are after resampling.
+
+``--resize PX`` stores every tile at PX x PX pixels instead of ``--size``: both rasters are
+resampled (``--resampling``; GDAL widens the kernel when it downsamples) straight from the
+source onto the tile's footprint at the coarser pixel size ``size / PX``, which the shards
+record as GSD and georeference. The paper resizes MDAS to 384 before use (Section 3.3):
+``--size 768 --resize 384`` (docs/data_format.md says why 768).
 """
 from __future__ import annotations
 
@@ -124,18 +130,22 @@ def plan_pair(rasters: dict[str, Path], bands: dict[str, BandSelection] | None =
 
 
 def load_tile(offset: tuple[int, int], *, grid: PairGrid, size: int, resampling: str,
-              max_nodata: float) -> LoadResult:
-    """Cut one size x size tile at (row, col) of the intersection: fine raster copied, coarse one resampled."""
+              max_nodata: float, resize: int | None = None) -> LoadResult:
+    """Cut one size x size tile at (row, col) of the intersection: fine raster copied, coarse one resampled;
+    with ``resize``, both resampled onto resize x resize pixels over the same footprint."""
     row, col = offset
     tile_transform = grid.transform @ Affine.translation(col, row)
-    images, invalid_HW = {}, np.zeros((size, size), dtype=bool)
+    out_size = resize or size
+    if resize:
+        tile_transform = tile_transform @ Affine.scale(size / resize)
+    images, invalid_HW = {}, np.zeros((out_size, out_size), dtype=bool)
     for info in grid.rasters:
         with rasterio.open(info.path) as src:
             indexes = list(info.band_indexes)
-            if info.sensor == grid.fine:
+            if info.sensor == grid.fine and not resize:
                 array_CHW = src.read(indexes, window=Window(grid.col_off + col, grid.row_off + row, size, size))
             else:
-                array_CHW = np.full((len(indexes), size, size), info.nodata if info.nodata is not None else 0,
+                array_CHW = np.full((len(indexes), out_size, out_size), info.nodata if info.nodata is not None else 0,
                                     dtype=src.dtypes[indexes[0] - 1])
                 reproject(rasterio.band(src, indexes), array_CHW,
                           dst_transform=tile_transform, dst_crs=grid.crs_wkt, src_nodata=info.nodata,
@@ -146,7 +156,7 @@ def load_tile(offset: tuple[int, int], *, grid: PairGrid, size: int, resampling:
     fraction = float(invalid_HW.mean())
     if fraction > max_nodata:
         raise SkipItem(f"nodata fraction {fraction:.2f} > --max-nodata {max_nodata}")
-    x, y = tile_transform @ (size / 2, size / 2)
+    x, y = tile_transform @ (out_size / 2, out_size / 2)
     crs = rasterio.crs.CRS.from_wkt(grid.crs_wkt)
     lons, lats = warp_transform(crs, "EPSG:4326", [x], [y])
     return LoadResult(samples=[Sample(sample_id=sample_id, images=images, lat=lats[0], lon=lons[0],
@@ -182,23 +192,29 @@ def parse_bands(values: list[str]) -> dict[str, BandSelection]:
 def convert(args: argparse.Namespace) -> int:
     if not 0.0 <= args.max_nodata <= 1.0:
         raise UserError(f"--max-nodata must be in [0, 1], got {args.max_nodata}")
+    if args.resize is not None and args.resize < 1:
+        raise UserError(f"--resize must be a size in pixels >= 1, got {args.resize}")
     grid = plan_pair(parse_rasters(args.raster), parse_bands(args.bands or []))
     stride = args.stride or args.size
     offsets = tile_offsets(grid.height, grid.width, args.size, stride)
     if not offsets:
         raise UserError(f"the overlap of the rasters is {grid.height}x{grid.width} pixels on the {grid.fine} grid, "
                         f"smaller than one --size {args.size} tile; use a smaller --size")
+    out_size = args.resize or args.size
+    gsd_m = grid.gsd_m * args.size / out_size
     print(f"overlap {grid.height}x{grid.width} px on the {grid.fine} grid -> {len(offsets)} tiles of {args.size} px "
-          f"(stride {stride}); the other raster is resampled ({args.resampling})")
+          f"(stride {stride}); " + (f"both rasters resampled to {out_size} x {out_size} px ({gsd_m:.4g} m)"
+                                    if args.resize else "the other raster is resampled")
+          + f" ({args.resampling})")
     sensors = {info.sensor: SensorArraySpec(dtype=info.dtype, channels=get_sensor(info.sensor).num_channels,
-                                            height=args.size, width=args.size, nodata=info.nodata,
-                                            gsd_m=grid.gsd_m)
+                                            height=out_size, width=out_size, nodata=info.nodata, gsd_m=gsd_m)
                for info in grid.rasters}
     load = functools.partial(load_tile, grid=grid, size=args.size, resampling=args.resampling,
-                             max_nodata=args.max_nodata)
+                             max_nodata=args.max_nodata, resize=args.resize)
     run_from_args(args, items=offsets, load=load, group=args.group, sensors=sensors, description="raster-pair",
                   source=" + ".join(f"{i.sensor}={i.path} (bands {list(i.band_indexes)})" for i in grid.rasters)
-                  + f"; tiled on the {grid.fine} grid, the other resampled ({args.resampling})")
+                  + f"; tiled on the {grid.fine} grid, the other resampled ({args.resampling})"
+                  + (f"; tiles of {args.size} px resized to {args.resize} px" if args.resize else ""))
     return 0
 
 
@@ -217,7 +233,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, default=192, help="tile size in pixels (default 192)")
     parser.add_argument("--stride", type=int, default=None, help="step between tiles (default: --size)")
     parser.add_argument("--resampling", choices=RESAMPLINGS, default="bilinear",
-                        help="how the coarser raster is resampled onto the finer grid (default bilinear)")
+                        help="how the coarser raster is resampled onto the finer grid, and with --resize both "
+                             "(default bilinear)")
+    parser.add_argument("--resize", type=int, default=None, metavar="PX",
+                        help="store each --size tile resampled to PX x PX pixels (same footprint, coarser pixels); "
+                             "MDAS as in the paper: --size 768 --resize 384")
     parser.add_argument("--max-nodata", type=float, default=0.25,
                         help="skip tiles with a larger share of nodata pixels in either raster (default 0.25)")
     parser.add_argument("--group", default="mdas", help="data group written in the shards (default mdas)")
