@@ -29,7 +29,7 @@ import torch
 
 from msgfm.config import FinetuneConfig, ModelConfig, load_finetune_config, save_finetune_config
 from msgfm.data.stats import Stats
-from msgfm.errors import MissingFileError, UserError
+from msgfm.errors import MissingFileError, UserError, check_output_folder
 from msgfm.finetune.build import build_finetune_model
 from msgfm.finetune.data import CheckedBatches, EpochBatches, TaskDataset, make_loader, split_paths, task_stats
 from msgfm.finetune.evaluate import evaluate, summary_line, write_outputs
@@ -65,6 +65,7 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
                                f"first, see docs/finetune.md")
     if eval_only and checkpoint is None:
         raise UserError("--eval-only needs --checkpoint: a fine-tuning run folder (its best/model.pt) or file")
+    check_output_folder(output_dir, "--output-dir", create=False)
     on_gpu = torch.cuda.is_available()
     ds_config = _ds_config_for(cfg, ds_config_path, cfg.model.moe.enabled, on_gpu)
     rank, world = init_process_group(on_gpu)

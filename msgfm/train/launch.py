@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from msgfm.errors import user_message
+from msgfm.train.checkpoint import find_latest
 
 
 def parse_launcher_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -23,17 +26,41 @@ def parse_launcher_args(parser: argparse.ArgumentParser, argv: Sequence[str] | N
     return args
 
 
-def run_reporting_user_errors(name: str, job: Callable[[], int], verbose: bool = False) -> int:
+# The exit status of a process stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED_EXIT = 130
+
+
+def run_reporting_user_errors(name: str, job: Callable[[], int], verbose: bool = False,
+                              output_dir: str | Path | None = None) -> int:
     """Run ``job``; an error the user caused (msgfm.errors.UserError, a path that is missing or not writable)
     ends as one line ``NAME: error: ...`` and exit 2; anything else keeps its traceback. ``verbose``: debug
-    logging and a traceback for user errors too."""
+    logging and a traceback for user errors too. Ctrl-C ends with exit 130 and one line (rank 0) saying
+    which checkpoint of ``output_dir`` a relaunch resumes from."""
     if verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
     try:
         return job()
+    except KeyboardInterrupt:
+        if verbose:
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{name}: interrupted (Ctrl-C); {interrupted_line(output_dir)}", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT
     except Exception as err:
         message = user_message(err)
         if message is None or verbose:
             raise
         print(f"{name}: error: {message}", file=sys.stderr, flush=True)
         return 2
+
+
+def interrupted_line(output_dir: str | Path | None) -> str:
+    """What an interrupted run kept, and how to go on: the newest complete checkpoint, or none."""
+    if output_dir is None:
+        return "nothing was saved"
+    latest = find_latest(Path(output_dir) / "checkpoints")
+    if latest is None:
+        return (f"no checkpoint was saved in {output_dir} yet; the same command starts the run again from the "
+                f"beginning")
+    return (f"the newest complete checkpoint is {latest} (an unfinished save is removed at the next start); run "
+            f"the same command again to resume from it")

@@ -20,7 +20,7 @@ from pathlib import Path
 import rasterio
 from rasterio.warp import transform as warp_transform
 
-from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args
+from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, positive_int, run_from_args
 from msgfm.data.format import SensorArraySpec
 from msgfm.data.georef import grid_georef
 from msgfm.errors import MissingFileError
@@ -121,7 +121,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--s2-sensor", choices=S2_SENSOR_CHOICES, default="s2",
                         help="s2: 12 bands without B10 (default, as the pretraining config expects); "
                              "s2_l1c: all 13 L1C bands")
-    parser.add_argument("--size", type=int, default=None,
+    parser.add_argument("--size", type=positive_int, default=None,
                         help="patch size in pixels (default: that of the first patch, 256 in SEN12MS); "
                              "patches of another size are skipped")
     parser.add_argument("--group", default="sen12ms", help="data group written in the shards (default sen12ms)")

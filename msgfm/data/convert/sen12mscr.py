@@ -24,7 +24,15 @@ from typing import Any
 import numpy as np
 import rasterio
 
-from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args, run_splits_from_args
+from msgfm.data.convert.common import (
+    LoadResult,
+    Sample,
+    SkipItem,
+    add_common_args,
+    positive_int,
+    run_from_args,
+    run_splits_from_args,
+)
 from msgfm.data.convert.sen12ms import S1_NAME as _S1
 from msgfm.data.convert.sen12ms import (
     S2_SCALE,
@@ -166,7 +174,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--s2-sensor", choices=S2_SENSOR_CHOICES, default="s2",
                         help="s2: 12 bands without B10 (default, matches the pretrained s2 embedding); "
                              "s2_l1c: all 13 L1C bands")
-    parser.add_argument("--size", type=int, default=None, help="patch size (default: the first patch's, 256)")
+    parser.add_argument("--size", type=positive_int, default=None, help="patch size (default: the first patch's, 256)")
     parser.add_argument("--splits", action="store_true",
                         help="write the official split, one folder each: OUTPUT/train, OUTPUT/val, OUTPUT/test "
                              "(scenes of none of them are reported, not converted)")
