@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,26 @@ def test_ctrl_c_is_exit_130_and_one_line_on_what_was_saved(tmp_path, capsys, mon
     monkeypatch.setenv("RANK", "1")  # the other ranks stop quietly: one line per run, not per rank
     assert run_reporting_user_errors("pretrain", interrupted, output_dir=tmp_path / "run") == INTERRUPTED_EXIT
     assert capsys.readouterr().err == ""
+
+
+def test_an_error_after_ctrl_c_counts_as_the_interruption(tmp_path, capsys, monkeypatch):
+    """A rank blocked in a collective sees Ctrl-C only as the error its departed peer causes."""
+    import signal
+
+    monkeypatch.delenv("RANK", raising=False)
+
+    def blocked_in_a_collective() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises here, as it would when the C++ call returns
+        except KeyboardInterrupt:
+            pass
+        raise RuntimeError("[gloo] Connection closed by peer")
+
+    assert run_reporting_user_errors("pretrain", blocked_in_a_collective, output_dir=tmp_path) == INTERRUPTED_EXIT
+    assert capsys.readouterr().err.startswith("pretrain: interrupted (Ctrl-C); no checkpoint was saved")
+    with pytest.raises(RuntimeError, match="closed by peer"):  # without Ctrl-C the same error is a failure
+        run_reporting_user_errors("pretrain", lambda: (_ for _ in ()).throw(RuntimeError("closed by peer")))
 
 
 def _images(root: Path, count: int = 3) -> None:

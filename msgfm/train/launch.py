@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 
 from msgfm.errors import user_message
 from msgfm.train.checkpoint import find_latest
@@ -35,23 +39,47 @@ def run_reporting_user_errors(name: str, job: Callable[[], int], verbose: bool =
     """Run ``job``; an error the user caused (msgfm.errors.UserError, a path that is missing or not writable)
     ends as one line ``NAME: error: ...`` and exit 2; anything else keeps its traceback. ``verbose``: debug
     logging and a traceback for user errors too. Ctrl-C ends with exit 130 and one line (rank 0) saying
-    which checkpoint of ``output_dir`` a relaunch resumes from."""
+    which checkpoint of ``output_dir`` a relaunch resumes from.
+
+    Ctrl-C reaches every rank of a launch; a rank blocked in a collective only sees it after a peer has
+    left, as a communication error: any exception after a Ctrl-C counts as the interruption."""
     if verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    with _ctrl_c_seen() as seen:
+        try:
+            return job()
+        except KeyboardInterrupt:
+            if verbose:
+                raise
+        except Exception as err:
+            if not seen() or verbose:
+                message = user_message(err)
+                if message is None or verbose:
+                    raise
+                print(f"{name}: error: {message}", file=sys.stderr, flush=True)
+                return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{name}: interrupted (Ctrl-C); {interrupted_line(output_dir)}", file=sys.stderr, flush=True)
+    return INTERRUPTED_EXIT
+
+
+@contextlib.contextmanager
+def _ctrl_c_seen() -> Iterator[Callable[[], bool]]:
+    """Record SIGINT (then raise KeyboardInterrupt as Python does); yields "was Ctrl-C pressed?"."""
+    pressed = threading.Event()
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        pressed.set()
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
+        yield pressed.is_set
+        return
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        return job()
-    except KeyboardInterrupt:
-        if verbose:
-            raise
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{name}: interrupted (Ctrl-C); {interrupted_line(output_dir)}", file=sys.stderr, flush=True)
-        return INTERRUPTED_EXIT
-    except Exception as err:
-        message = user_message(err)
-        if message is None or verbose:
-            raise
-        print(f"{name}: error: {message}", file=sys.stderr, flush=True)
-        return 2
+        yield pressed.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def interrupted_line(output_dir: str | Path | None) -> str:
