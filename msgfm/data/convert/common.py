@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fnmatch
 import json
 import logging
 import multiprocessing
@@ -237,6 +238,21 @@ def find_inputs(root: Path, suffixes: Sequence[str]) -> tuple[list[Path], list[t
             elif path.suffix.lower() in suffixes and entry.is_file():
                 files.append(path)
     return sorted(files), skipped
+
+
+def find_in_layout(root: Path, *patterns: str) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files under ``root`` (through linked folders, as :func:`find_inputs`) whose last path parts match
+    ``patterns`` (fnmatch, case-sensitive; ``("s1_*", "*_s1_*.tif")``: a file in a folder ``s1_*``),
+    sorted, like ``root.glob("**/s1_*/*_s1_*.tif")`` (which does not enter linked folders); and the links
+    left out."""
+    suffix = Path(patterns[-1]).suffix.lower()
+    files, skipped = find_inputs(root, (suffix,))
+    def matches(path: Path) -> bool:
+        tail = path.relative_to(root).parts[-len(patterns):]
+        return len(tail) == len(patterns) and all(map(fnmatch.fnmatchcase, tail, patterns))
+
+    matching = [p for p in files if matches(p)]
+    return matching, skipped
 
 
 # ---------------------------------------------------------------------------------------------- tiling

@@ -20,7 +20,15 @@ from pathlib import Path
 import rasterio
 from rasterio.warp import transform as warp_transform
 
-from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, positive_int, run_from_args
+from msgfm.data.convert.common import (
+    LoadResult,
+    Sample,
+    SkipItem,
+    add_common_args,
+    find_in_layout,
+    positive_int,
+    run_from_args,
+)
 from msgfm.data.format import SensorArraySpec
 from msgfm.data.georef import grid_georef
 from msgfm.errors import MissingFileError
@@ -33,8 +41,9 @@ S1_NAME = re.compile(r"(?P<roi>ROIs\d+_[a-z]+)_s1_(?P<scene>\d+)_p(?P<patch>\d+)
 
 def find_pairs(root: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
     """(S1 file, S2 file) pairs under ``root`` (one ROI folder or a folder of them), and unpaired files."""
-    pairs, skipped = [], []
-    for s1 in sorted(root.glob("**/s1_*/*_s1_*_p*.tif")):
+    pairs: list[tuple[Path, Path]] = []
+    s1_files, skipped = find_in_layout(root, "s1_*", "*_s1_*_p*.tif")
+    for s1 in s1_files:
         match = S1_NAME.fullmatch(s1.name)
         if not match:
             skipped.append((str(s1), "file name does not follow ROIsNNNN_season_s1_SCENE_pPATCH.tif"))

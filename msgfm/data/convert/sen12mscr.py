@@ -29,6 +29,7 @@ from msgfm.data.convert.common import (
     Sample,
     SkipItem,
     add_common_args,
+    find_in_layout,
     positive_int,
     run_from_args,
     run_splits_from_args,
@@ -74,8 +75,9 @@ _SPLIT_OF_SCENE = {(roi, scene): split for split, rois in OFFICIAL_SPLITS.items(
 
 def find_triplets(root: Path) -> tuple[list[tuple[Path, Path, Path]], list[tuple[str, str]]]:
     """(S1, cloud-free S2, cloudy S2) files under ``root``, and S1 patches lacking a partner."""
-    triplets, skipped = [], []
-    for s1 in sorted(root.glob("**/*_s1/s1_*/*_s1_*_p*.tif")):
+    triplets: list[tuple[Path, Path, Path]] = []
+    s1_files, skipped = find_in_layout(root, "*_s1", "s1_*", "*_s1_*_p*.tif")
+    for s1 in s1_files:
         match = _S1.fullmatch(s1.name)
         if not match:
             skipped.append((str(s1), "file name does not follow ROIsNNNN_season_s1_SCENE_pPATCH.tif"))
