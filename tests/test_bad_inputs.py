@@ -95,30 +95,38 @@ def _nan_band(root: Path) -> None:
         f["dsm"][...] = np.nan
 
 
-def _data(ws: Workspace, name: str, change: Callable[[Path], object]) -> list[str]:
-    return ["--data-root", str(ws.data_variant(name, change))]
+@dataclass(frozen=True)
+class DataCase:
+    """One bad file among the pretraining data: ``change(data_root)`` makes it (each touches its own
+    files); ``names`` must all appear in the error. Start-up lists every data problem in one error,
+    so all of them run in one pretraining process (test_bad_data_is_one_clear_error)."""
+
+    id: str
+    change: Callable[[Path], object]
+    names: tuple[str, ...]
+
+
+def _truncated_copy(d: Path) -> None:
+    shutil.copy(d / "rgb" / "part0.h5", d / "rgb" / "part2.h5")
+    _truncate(d / "rgb" / "part2.h5")
+
+
+DATA_CASES = [
+    DataCase("corrupt (truncated) shard", _truncated_copy, ("rgb/part2.h5", "corrupt or truncated")),
+    DataCase("empty shard file", lambda d: (d / "rgb" / "part1.h5").touch(),
+             ("rgb/part1.h5", "cannot be opened as HDF5")),
+    DataCase("mixed shards (a sen12ms shard among rgb)",
+             lambda d: shutil.copy(d / "sen12ms" / "part0.h5", d / "rgb" / "other.h5"),
+             ("rgb/other.h5: sensor dataset(s) ['rgb'] missing",)),
+    DataCase("band count (13-band s2)", _thirteen_band_s2, ("sen12ms/part0.h5: sensor 's2' has 13 channels",)),
+    DataCase("symbolic link loop as a shard", lambda d: (d / "rgb" / "loop.h5").symlink_to(d / "rgb" / "loop.h5"),
+             ("rgb/loop.h5: a symbolic link loop",)),
+    DataCase("stats missing", lambda d: (d / "mdas" / "stats.json").unlink(), ("mdas/stats.json", "msgfm stats")),
+    DataCase("stats not JSON", lambda d: (d / "rgb" / "stats.json").write_text("{"), ("rgb/stats.json",)),
+]
 
 
 CASES = [
-    # ---- shards
-    Case("corrupt shard", "pretrain", lambda ws: _data(ws, "corrupt", lambda d: _truncate(d / "rgb" / "part0.h5")),
-         ("rgb/part0.h5", "corrupt or truncated")),
-    Case("empty shard file", "pretrain", lambda ws: _data(ws, "empty", lambda d: (d / "rgb" / "part1.h5").touch()),
-         ("rgb/part1.h5", "cannot be opened as HDF5")),
-    Case("mixed shards (a sen12ms shard among rgb)", "pretrain",
-         lambda ws: _data(ws, "mixed", lambda d: shutil.copy(d / "sen12ms" / "part0.h5", d / "rgb" / "other.h5")),
-         ("rgb/other.h5", "['rgb'] missing")),
-    Case("band count (13-band s2)", "pretrain", lambda ws: _data(ws, "bands", _thirteen_band_s2),
-         ("sen12ms/part0.h5", "sensor 's2' has 13 channels")),
-    Case("symbolic link loop as a shard", "pretrain",
-         lambda ws: _data(ws, "loop", lambda d: (d / "rgb" / "loop.h5").symlink_to(d / "rgb" / "loop.h5")),
-         ("rgb/loop.h5", "symbolic link loop")),
-    # ---- statistics
-    Case("stats missing", "pretrain", lambda ws: _data(ws, "nostats", lambda d: (d / "rgb" / "stats.json").unlink()),
-         ("rgb/stats.json", "msgfm stats")),
-    Case("stats not JSON", "pretrain",
-         lambda ws: _data(ws, "badstats", lambda d: (d / "rgb" / "stats.json").write_text("{")),
-         ("rgb/stats.json",)),
     # ---- configs
     Case("config key typo", "pretrain", lambda ws: ["train.max_stpes=3"], ("train.max_stpes",)),
     Case("config value of the wrong type", "pretrain", lambda ws: ["train.max_steps=many"], ("train.max_steps",)),
@@ -217,17 +225,34 @@ def ws(tmp_path_factory) -> Workspace:
     return Workspace(tmp_path_factory.mktemp("bad_inputs"))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_clear_error(case: Case, ws: Workspace, tmp_path):
-    rc, output = run_until_error(command(case.entry, ws, case.build(ws), tmp_path / "run"))
+def check_error(rc: int, output: str, prefix: str, names: tuple[str, ...]) -> None:
+    """Refused at start-up with a non-zero exit, no traceback, and an error naming ``names``."""
     assert not any(line.startswith(STARTED) for line in output.splitlines()), f"accepted:\n{output[-3000:]}"
     assert rc not in (0, None), output[-3000:]
     assert "Traceback" not in output, output[-3000:]
-    prefix = case.prefix or ERROR_PREFIX[case.entry]
     error = output[output.index(prefix):] if prefix in output else ""
     assert error, output[-3000:]
-    for name in case.names:
+    for name in names:
         assert name in error, f"{name!r} not in the error:\n{error}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_clear_error(case: Case, ws: Workspace, tmp_path):
+    rc, output = run_until_error(command(case.entry, ws, case.build(ws), tmp_path / "run"))
+    check_error(rc, output, case.prefix or ERROR_PREFIX[case.entry], case.names)
+
+
+@pytest.fixture(scope="module")
+def bad_data_run(ws: Workspace) -> tuple[int, str]:
+    """One pretraining process over a copy of the data holding every DATA_CASES file."""
+    root = ws.data_variant("bad_data", lambda d: [case.change(d) for case in DATA_CASES])
+    return run_until_error(command("pretrain", ws, ["--data-root", str(root)], ws.root / "bad_data_run"))
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=[c.id for c in DATA_CASES])
+def test_bad_data_is_one_clear_error(case: DataCase, bad_data_run: tuple[int, str]):
+    rc, output = bad_data_run
+    check_error(rc, output, ERROR_PREFIX["pretrain"], case.names)
 
 
 def test_good_pretraining_run_ctrl_c_and_resume(ws: Workspace, tmp_path):
@@ -245,7 +270,7 @@ def test_good_pretraining_run_ctrl_c_and_resume(ws: Workspace, tmp_path):
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
     line = next(x for x in output.splitlines() if x.startswith("pretrain: interrupted"))
     assert "the newest complete checkpoint is" in line and "checkpoints/step0000000" in line and "resume" in line
-    rc, output = run_until_error(command("pretrain", ws, ["train.max_steps=8"], out), stop_after="never", timeout=400)
+    rc, output = run_until_error(command("pretrain", ws, ["train.max_steps=6"], out), stop_after="never", timeout=400)
     assert rc == 0 and "Traceback" not in output, output[-3000:]
     assert "resumed from" in output and "Done." in output
 
