@@ -187,8 +187,12 @@ class LabelCheck:
                             f"integers (uint8, as `msgfm convert` writes them); convert the labels again")
         with h5py.File(info.path, "r") as f:
             ds = f[LABELS_GROUP][self.label]
-            indices = range(info.num_samples) if self.kind == "multilabel" else sorted({0, info.num_samples - 1})
-            values = torch.from_numpy(ds[list(indices)].astype(np.int64))
+            if self.kind == "multilabel":  # one read of the whole (N, K) array, not a selection of N points
+                indices: Sequence[int] = range(info.num_samples)
+                values = torch.from_numpy(ds[()].astype(np.int64))
+            else:
+                indices = sorted({0, info.num_samples - 1})
+                values = torch.from_numpy(ds[indices].astype(np.int64))
         bad = self._first_bad(values)
         if bad is not None:
             row, value = bad
