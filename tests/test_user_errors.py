@@ -127,6 +127,32 @@ def test_ctrl_c_in_a_converter_is_one_line(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1
 
 
+def test_ctrl_c_of_a_real_conversion_with_workers(tmp_path):
+    """Ctrl-C as a terminal sends it (to the whole process group, workers included): exit 130, one line, no
+    traceback from the main process or a worker, only complete shards left."""
+    import signal
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    for i in range(400):  # enough work (~2 s) to be interrupted halfway
+        Image.fromarray(rng.integers(0, 256, (192, 192, 3), dtype=np.uint8)).save(tmp_path / "in" / f"{i}.png")
+    proc = subprocess.Popen([sys.executable, "-m", "msgfm.cli", "convert", "imagefolder", str(tmp_path / "in"), "-o",
+                             str(tmp_path / "out"), "--workers", "2", "--samples-per-shard", "20", "--size", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    assert proc.stdout is not None
+    seen = b""
+    while b"samples=40" not in seen and proc.poll() is None:
+        seen += os.read(proc.stdout.fileno(), 4096)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = (seen + proc.stdout.read()).decode().replace("\r", "\n")
+    assert proc.wait(timeout=60) == 130, output[-2000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-2000:]
+    assert output.strip().splitlines()[-1].startswith("msgfm convert: interrupted (Ctrl-C); the shards finished")
+    shards = sorted((tmp_path / "out").iterdir())
+    assert shards and all(p.name.startswith("images-") and p.suffix == ".h5" for p in shards)  # no partial file
+    assert all(read_shard_info(p).num_samples == 20 for p in shards)
+
+
 def test_size_zero_names_the_option(tmp_path, capsys):
     _images(tmp_path / "in", 1)
     with pytest.raises(SystemExit) as exit_info:
