@@ -36,11 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    output_dir = args.output_dir or f"runs/ft_{args.task}"
     return run_reporting_user_errors("finetune", lambda: finetune(
         args.config or f"ft_{args.task}", args.overrides, args.deepspeed_config, task_name=args.task,
-        pretrained=args.pretrained, data_root=args.data_root, output_dir=args.output_dir or f"runs/ft_{args.task}",
+        pretrained=args.pretrained, data_root=args.data_root, output_dir=output_dir,
         eval_only=args.eval_only, checkpoint=args.checkpoint, allow_config_change=args.allow_config_change),
-        verbose=args.verbose)
+        verbose=args.verbose, output_dir=None if args.eval_only else output_dir)
 
 
 if __name__ == "__main__":

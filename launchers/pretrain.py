@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_reporting_user_errors("pretrain", lambda: pretrain(
         args.config, args.overrides, args.deepspeed_config, args.data_root, args.output_dir,
         dry_run=args.dry_run, world_size=args.world_size,
-        allow_config_change=args.allow_config_change), verbose=args.verbose)
+        allow_config_change=args.allow_config_change), verbose=args.verbose,
+        output_dir=None if args.dry_run else args.output_dir)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ import sys
 
 from msgfm.errors import user_message
 
+# The exit status of a process stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED_EXIT = 130
+
 # subcommand -> module holding its add_parser(subparsers)
 COMMANDS = {
     "convert": "msgfm.data.convert",
@@ -39,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        kept = getattr(args, "on_interrupt", None) or "nothing it had not finished was kept"
+        print(f"msgfm {args.command}: interrupted (Ctrl-C); {kept}", file=sys.stderr)
+        return INTERRUPTED_EXIT
     except Exception as err:
         # errors the user caused: one clear line, no traceback (-v shows it); bugs keep theirs
         message = user_message(err)

@@ -8,6 +8,9 @@ working; :class:`MissingFileError` is also a ``FileNotFoundError``.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class UserError(ValueError):
     """Something the user can fix; the message says what and how."""
@@ -31,3 +34,31 @@ def user_message(err: BaseException) -> str | None:
         reason = (err.strerror or type(err).__name__).lower()
         return f"{reason}: {err.filename}"
     return None
+
+
+def check_output_folder(path: str | Path, option: str, *, create: bool = True) -> Path:
+    """``path`` as a folder this process can write (created with its parents when ``create``), or a
+    UserError naming ``option`` (e.g. ``--output-dir``): a file in the way, a file among its parents,
+    a folder without write permission."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file, not a folder; give a folder (it is created if missing)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a link to nowhere (or a loop) cannot hold a folder
+            raise UserError(f"{option} {path}: {existing} is a broken or looping symbolic link; remove it or "
+                            f"give another folder")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {path}: {existing} is a file, so no folder can be created under it; give "
+                        f"another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: permission denied: {existing} is not writable by this user; give a "
+                        f"folder you can write, or change its permissions")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"{option} {path}: cannot create it ({err.strerror or err}); give another "
+                            f"folder") from None
+    return path

@@ -73,3 +73,20 @@ def test_no_pairs_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no SEN12MS pair found"):
         convert(["sen12ms", str(tmp_path / "empty"), "-o", str(tmp_path / "out")])
+
+
+def test_roi_folders_behind_symbolic_links_are_found_and_loops_reported(tree, tmp_path: Path) -> None:
+    """A data folder of links to ROI folders on other disks: the pairs behind them are converted (a
+    ``**`` glob does not enter linked folders, so they used to be missed without a word)."""
+    from msgfm.data.convert.sen12ms import find_pairs
+
+    root, _ = tree
+    direct, _ = find_pairs(root)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for roi in sorted(p for p in root.iterdir() if p.is_dir()):
+        (linked / roi.name).symlink_to(roi, target_is_directory=True)
+    (linked / "again").symlink_to(linked, target_is_directory=True)
+    pairs, skipped = find_pairs(linked)
+    assert [(s1.name, s2.name) for s1, s2 in pairs] == [(s1.name, s2.name) for s1, s2 in direct] and len(pairs) == 3
+    assert any(item.endswith("again") and reason.startswith("symbolic link loop") for item, reason in skipped)

@@ -132,7 +132,10 @@ def read_yaml_tree(name_or_path: str | Path, seen: tuple[Path, ...] = ()) -> dic
     if path in seen:
         raise UserError(f"config {path} inherits from itself through _base_")
     with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config {path}: {yaml_problem(err)}; fix the YAML syntax there") from None
     if not isinstance(data, dict):
         raise UserError(f"config {path} must hold a mapping at the top level")
     base = data.pop("_base_", None)
@@ -150,7 +153,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise UserError(f"override '{text}': empty component in the dotted key")
-    return parts, yaml.safe_load(raw)
+    try:
+        return parts, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise UserError(f"override '{text}': the value is not valid YAML ({yaml_problem(err, with_line=False)}); "
+                        f"quote it for the shell, e.g. '{key}=[1, 2]' or '{key}=\"text: with colon\"'") from None
+
+
+def yaml_problem(err: yaml.YAMLError, with_line: bool = True) -> str:
+    """One line for a YAML syntax error: what is wrong and where (line and column, 1-based)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None and with_line else ""
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context_mark is not None and with_line:
+        context += f" that starts on line {context_mark.line + 1}"
+    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 def apply_override(tree: dict, parts: list[str], value: Any, text: str) -> None:

@@ -23,8 +23,10 @@ Legend: N samples, C channels (bands), H x W pixels, K classes.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +137,34 @@ def _registry_spec(sensor: str, where: str) -> SensorSpec:
 def _partial_path(path: Path) -> Path:
     # Hidden and without the .h5 suffix, so that shard globs never pick up an unfinished file.
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+_PARTIAL = re.compile(r"\..+\.partial-(\d+)")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove the hidden ``.<shard>.partial-<pid>`` files that writers killed before closing left in
+    ``folder`` (their process is gone); files of a writer still running are left alone. The process
+    ids are this machine's: folders written by several machines at once must not share shard names."""
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        match = _PARTIAL.fullmatch(path.name)
+        if match and path.is_file() and not _process_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 class ShardWriter:
@@ -405,8 +435,7 @@ def read_shard_info(path: str | Path, *, check_data: bool = True) -> ShardInfo:
     files cut short after their metadata.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ShardError(f"{path}: no such shard file")
+    _check_readable(path)
     try:
         f = h5py.File(path, "r")
     except OSError as err:
@@ -414,6 +443,31 @@ def read_shard_info(path: str | Path, *, check_data: bool = True) -> ShardInfo:
                          f"convert it again") from None
     with f:
         return _describe(f, path, check_data)
+
+
+def _check_readable(path: Path) -> None:
+    """ShardError for a path that is no readable file, saying why (before h5py hides the reason)."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ShardError(f"{path}: a symbolic link loop (the link points back to itself); fix or remove the "
+                             f"link") from None
+        if err.errno == errno.EACCES:
+            raise ShardError(f"{path}: permission denied on a folder on the way to the shard; fix its "
+                             f"permissions") from None
+        if path.is_symlink():
+            raise ShardError(f"{path}: a broken symbolic link (its target {os.readlink(path)} does not exist); "
+                             f"fix or remove the link") from None
+        raise ShardError(f"{path}: no such shard file") from None
+    if not path.is_file():
+        raise ShardError(f"{path}: not a shard file (a folder or a device)")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise ShardError(f"{path}: permission denied: this user cannot read the shard; fix its permissions "
+                         f"(e.g. chmod a+r)") from None
 
 
 def _describe(f: h5py.File, path: Path, check_data: bool) -> ShardInfo:

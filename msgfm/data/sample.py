@@ -24,6 +24,7 @@ from pathlib import Path
 from msgfm import __version__
 from msgfm.data import fetch
 from msgfm.data.convert import run as convert
+from msgfm.errors import check_output_folder
 
 MARKER = ".prepare-sample.json"
 MDAS_TILE = 64  # the demo trains at 64 px (random resized crops of each tile)
@@ -112,7 +113,7 @@ def prepare_sample(root: str | Path, *, cache: str | Path | None = None, force: 
     """Build (or find up to date) the sample under ``root``; returns the shards of each group."""
     from msgfm.data.stats import write_stats  # the readers' module; imported late to keep the CLI light
 
-    root = Path(root)
+    root = check_output_folder(root, "prepare-sample DIR", create=False)
     if not force and _up_to_date(root):
         print(f"{root}: sample is up to date (delete {root / MARKER} or pass --force to rebuild)")
         return {group: sorted((root / group).glob("*.h5")) for group in GROUPS}
@@ -155,7 +156,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="download cache (default $MSGFM_CACHE or ~/.cache/msgfm)")
     parser.add_argument("--force", action="store_true", help="rebuild even if DIR holds an up-to-date sample")
     parser.add_argument("--workers", type=int, default=2, help="conversion processes (default 2)")
-    parser.set_defaults(func=_run)
+    parser.set_defaults(func=_run, on_interrupt="shards finished so far are kept; run the same command again to "
+                                                "finish the sample")
 
 
 if __name__ == "__main__":  # python -m msgfm.data.sample DIR

@@ -9,6 +9,11 @@ Invalid input pixels (nodata, NaN) are 0 after normalization, as in pretraining.
 HDF5 files are opened lazily per process (never across a fork). Training samples get
 the same random flips for every sensor and the target, and an optional random crop.
 
+Labels are checked twice, so that a wrong one is reported by shard and sample id instead of
+crashing inside the loss or a metric: when the data is opened (the dtype, and the values of the
+first and last sample; every multilabel vector, which is small) and on every batch, with one
+min/max (:class:`LabelCheck`, called where the batches are drawn, in the main process).
+
 Legend: C channels, H x W pixels, K classes.
 """
 from __future__ import annotations
@@ -48,6 +53,7 @@ class TaskDataset(Dataset):
         for info in infos:
             _check_shard(info, task)
         self.paths = [info.path for info in infos]
+        self.label_check = LabelCheck.for_task(task)
         self.normalizers = [{s: normalizer_for(info, s, stats) for s in task.sensors} for info in infos]
         if self.target_sensor_input:  # the reference is a stored sensor (pan-sharpening): its physical units
             self.target_units = [(info.sensors[task.target_sensor].scale, info.sensors[task.target_sensor].offset)
@@ -55,6 +61,9 @@ class TaskDataset(Dataset):
         index = [(shard, local) for shard, info in enumerate(infos) for local in range(info.num_samples)]
         self._starts = np.cumsum([0] + [info.num_samples for info in infos])
         self.all_ids = [sid for info in infos for sid in _read_ids(info)]
+        if self.label_check is not None:
+            for shard, info in enumerate(infos):
+                self.label_check.check_shard(info, self.all_ids[self._starts[shard]:self._starts[shard + 1]])
         if ids is not None:
             position = {sid: i for i, sid in enumerate(self.all_ids)}
             missing = [sid for sid in ids if sid not in position]
@@ -90,6 +99,18 @@ class TaskDataset(Dataset):
         # and after a resume mid-epoch
         images, target = self._augment(images, target, random.Random(seed) if seed is not None else random)
         return {"images": images, "target": target, "id": sample_id}
+
+    def check_batch(self, batch: dict[str, Any]) -> None:
+        """The per-batch label check (one min/max); the error names the sample's shard and id."""
+        if self.label_check is not None:
+            self.label_check.check_batch(batch["target"], batch["ids"], self.shard_of)
+
+    def shard_of(self, sample_id: str) -> Path | None:
+        """The shard holding ``sample_id`` (for error messages; a linear search)."""
+        for shard, path in enumerate(self.paths):
+            if sample_id in self.all_ids[self._starts[shard]:self._starts[shard + 1]]:
+                return path
+        return None
 
     def _augment(self, images: dict[str, torch.Tensor], target: torch.Tensor, rng: Any,
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -139,6 +160,85 @@ def _check_shard(info: ShardInfo, task: TaskConfig) -> None:
                             f"sensor '{task.target_sensor}' has {channels} bands")
 
 
+class LabelCheck:
+    """What a task's labels may hold: segmentation class indices ``0..num_classes-1`` or
+    ``ignore_index``; multilabel 0/1 vectors. Integer labels only (a float class index or 0/1
+    vector would be cast silently)."""
+
+    def __init__(self, task: TaskConfig) -> None:
+        self.kind, self.label = task.kind, task.label_name
+        self.num_classes, self.ignore_index = task.num_classes, task.ignore_index
+
+    @classmethod
+    def for_task(cls, task: TaskConfig) -> LabelCheck | None:
+        return cls(task) if task.kind in ("multilabel", "segmentation") else None
+
+    def allowed(self) -> str:
+        if self.kind == "multilabel":
+            return "multilabel labels are 0/1 per class"
+        return (f"task.num_classes is {self.num_classes}: classes 0..{self.num_classes - 1}, and "
+                f"task.ignore_index {self.ignore_index} for unlabelled pixels")
+
+    def check_shard(self, info: ShardInfo, ids: Sequence[str]) -> None:
+        """The label dtype, and the values of the first and last sample (of every sample for multilabel)."""
+        label = info.labels[self.label]
+        if label.dtype.kind not in "uib":
+            raise UserError(f"{info.path}: labels/{self.label} is {label.dtype}; {self.kind} labels must be "
+                            f"integers (uint8, as `msgfm convert` writes them); convert the labels again")
+        with h5py.File(info.path, "r") as f:
+            ds = f[LABELS_GROUP][self.label]
+            if self.kind == "multilabel":  # one read of the whole (N, K) array, not a selection of N points
+                indices: Sequence[int] = range(info.num_samples)
+                values = torch.from_numpy(ds[()].astype(np.int64))
+            else:
+                indices = sorted({0, info.num_samples - 1})
+                values = torch.from_numpy(ds[indices].astype(np.int64))
+        bad = self._first_bad(values)
+        if bad is not None:
+            row, value = bad
+            self._fail(info.path, ids[indices[row]], value)
+
+    def check_batch(self, target: torch.Tensor, ids: Sequence[str], shard_of: Any = None) -> None:
+        """One min/max over the batch; only a batch that fails is searched for the sample."""
+        if not target.numel():
+            return
+        if self.kind == "segmentation":
+            valid = target.masked_fill(target == self.ignore_index, 0)
+            low, high = torch.aminmax(valid)
+            if low >= 0 and high < self.num_classes:
+                return
+            bad = self._first_bad(target)
+        else:
+            low, high = torch.aminmax(target)
+            if low >= 0 and high <= 1 and bool(((target == 0) | (target == 1)).all()):
+                return
+            bad = self._first_bad(target)
+        if bad is None:  # unreachable: the min/max said something is out of range
+            return
+        row, value = bad
+        self._fail(shard_of(ids[row]) if shard_of is not None else None, ids[row], value)
+
+    def _first_bad(self, values_B: torch.Tensor) -> tuple[int, float] | None:
+        """(row, value) of the first sample holding a value its task does not allow, else None."""
+        if self.kind == "segmentation":
+            wrong = ((values_B < 0) | (values_B >= self.num_classes)) & (values_B != self.ignore_index)
+        else:
+            wrong = (values_B != 0) & (values_B != 1)
+        rows = wrong.reshape(len(values_B), -1).any(dim=1).nonzero()
+        if not len(rows):
+            return None
+        row = int(rows[0])
+        value = values_B[row][wrong[row]].reshape(-1)[0].item()
+        return row, value
+
+    def _fail(self, shard: Path | None, sample_id: str, value: float) -> None:
+        shown = int(value) if float(value).is_integer() else value
+        what = "class" if self.kind == "segmentation" else "value"
+        raise UserError(f"{shard if shard is not None else 'a shard'}: labels/{self.label} of sample "
+                        f"'{sample_id}' holds {what} {shown}, but {self.allowed()}; fix the labels (convert "
+                        f"again) or the task config")
+
+
 def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"images": {s: torch.stack([x["images"][s] for x in samples]) for s in samples[0]["images"]},
             "target": torch.stack([x["target"] for x in samples]), "ids": [x["id"] for x in samples]}
@@ -182,6 +282,21 @@ def make_loader(dataset: TaskDataset, batch_size: int, *, train: bool, rank: int
                       pin_memory=pin_memory, collate_fn=collate, persistent_workers=False)
 
 
+class CheckedBatches:
+    """An evaluation loader whose batches pass the dataset's label check (in this process)."""
+
+    def __init__(self, loader: DataLoader, dataset: TaskDataset) -> None:
+        self.loader, self.dataset = loader, dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            self.dataset.check_batch(batch)
+            yield batch
+
+
 class EpochBatches:
     """Fine-tuning's training batches as the trainer reads them: one ``(group, batch)`` per step, a new
     seeded order every epoch; the position (a step count) travels with checkpoints, so a resumed run
@@ -204,6 +319,7 @@ class EpochBatches:
                              seed=self.seed, epoch=epoch, num_workers=self.num_workers, pin_memory=self.pin_memory,
                              start_batch=position)
         for batch in loader:
+            self.dataset.check_batch(batch)
             self.step += 1  # counted before handing out: a checkpoint taken now resumes after it
             yield [(self.group, batch)]
 

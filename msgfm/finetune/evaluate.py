@@ -5,11 +5,11 @@ Legend: B batch, C channels, H x W pixels, K classes.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from msgfm.finetune.figures import save_per_class_table, save_restoration_figure, save_segmentation_figure
 from msgfm.tasks.downstream import DownstreamTask, RestorationTask, SegmentationTask
@@ -17,7 +17,7 @@ from msgfm.tasks.metrics import scalars
 
 
 @torch.no_grad()
-def evaluate(task: DownstreamTask, loader: DataLoader, device: torch.device, dtype: torch.dtype | None,
+def evaluate(task: DownstreamTask, loader: Iterable[dict[str, Any]], device: torch.device, dtype: torch.dtype | None,
              *, max_batches: int | None = None, num_figures: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metric result, first ``num_figures`` samples for figures), with ``task.predict``.
 
@@ -31,7 +31,7 @@ def evaluate(task: DownstreamTask, loader: DataLoader, device: torch.device, dty
         return _evaluate(task, loader, device, dtype, max_batches, num_figures)
 
 
-def _evaluate(task: DownstreamTask, loader: DataLoader, device: torch.device, dtype: torch.dtype | None,
+def _evaluate(task: DownstreamTask, loader: Iterable[dict[str, Any]], device: torch.device, dtype: torch.dtype | None,
               max_batches: int | None, num_figures: int) -> tuple[dict[str, Any], dict[str, Any]]:
     metric = task.metric()
     kept: dict[str, list[torch.Tensor]] = {"images": [], "prediction": [], "target": [], "base": []}

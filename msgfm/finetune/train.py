@@ -22,16 +22,16 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import deepspeed.comm as dist
 import torch
 
 from msgfm.config import FinetuneConfig, ModelConfig, load_finetune_config, read_yaml_tree, save_finetune_config
 from msgfm.data.stats import Stats
-from msgfm.errors import MissingFileError, UserError
+from msgfm.errors import MissingFileError, UserError, check_output_folder
 from msgfm.finetune.build import build_finetune_model, refuse_dropped_model_overrides, resolve_encoder
-from msgfm.finetune.data import EpochBatches, TaskDataset, make_loader, split_paths, task_stats
+from msgfm.finetune.data import CheckedBatches, EpochBatches, TaskDataset, make_loader, split_paths, task_stats
 from msgfm.finetune.evaluate import evaluate, summary_line, write_outputs
 from msgfm.finetune.options import param_groups, scaled_rates, select_train_fraction
 from msgfm.finetune.transfer import TransferReport
@@ -47,9 +47,6 @@ from msgfm.train.safe_load import load_weights
 from msgfm.train.schedule import LRSchedule
 from msgfm.train.tracking import Tracker
 from msgfm.train.trainer import Trainer, TrainerSettings
-
-if TYPE_CHECKING:
-    from torch.utils.data import DataLoader
 
 # The metric that picks the best epoch, per task kind, and whether larger is better.
 BEST_METRIC = {"multilabel": ("mAP_micro", True), "segmentation": ("mIoU", True), "restoration": ("MAE", False)}
@@ -70,6 +67,7 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
                                f"first, see docs/finetune.md")
     if eval_only and checkpoint is None:
         raise UserError("--eval-only needs --checkpoint: a fine-tuning run folder (its best/model.pt) or file")
+    check_output_folder(output_dir, "--output-dir", create=False)
     on_gpu = torch.cuda.is_available()
     ds_config = _ds_config_for(cfg, ds_config_path, cfg.model.moe.enabled, on_gpu)
     rank, world = init_process_group(on_gpu)
@@ -214,9 +212,10 @@ def _split_dataset(cfg: FinetuneConfig, root: Path, split: str, stats: Stats, re
     return TaskDataset(paths, cfg.task, stats, train=False, resize=resize) if paths else None
 
 
-def _eval_loader(cfg: FinetuneConfig, dataset: TaskDataset, rank: int, world: int) -> DataLoader:
-    return make_loader(dataset, cfg.data.eval_batch_size_per_gpu, train=False, rank=rank, world=world,
-                       seed=cfg.train.seed, epoch=0, num_workers=cfg.data.num_workers, pin_memory=False)
+def _eval_loader(cfg: FinetuneConfig, dataset: TaskDataset, rank: int, world: int) -> CheckedBatches:
+    return CheckedBatches(make_loader(dataset, cfg.data.eval_batch_size_per_gpu, train=False, rank=rank, world=world,
+                                      seed=cfg.train.seed, epoch=0, num_workers=cfg.data.num_workers,
+                                      pin_memory=False), dataset)
 
 
 def _class_names(shard: Path, cfg: FinetuneConfig) -> list[str]:

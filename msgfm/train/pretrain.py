@@ -20,6 +20,7 @@ import torch
 from msgfm.config import RunConfig, load_config, save_config
 from msgfm.data.pipeline import build_pretrain_data
 from msgfm.data.plan import DataPlan, configured_batches, plan_data
+from msgfm.errors import check_output_folder
 from msgfm.models import reinit_experts
 from msgfm.tasks import build_pretrain_task
 from msgfm.train import checkpoint as ckpt
@@ -48,6 +49,7 @@ def pretrain(config: str, overrides: Sequence[str], ds_config_path: str, data_ro
         from msgfm.train.dryrun import dry_run as run_dry  # the dry run builds the model on the CPU only
 
         return run_dry(cfg, ds_config, ds_name, root, world_size)
+    check_output_folder(output_dir, "--output-dir", create=False)  # before any data is read
 
     on_gpu = torch.cuda.is_available()
     env_world = int(os.environ.get("WORLD_SIZE", "1"))

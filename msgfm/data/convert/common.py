@@ -15,11 +15,14 @@ Legend: C channels, H x W pixels.
 from __future__ import annotations
 
 import argparse
+import errno
+import fnmatch
 import json
 import logging
 import multiprocessing
 import os
 import re
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +32,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from msgfm.data.format import LabelSpec, SensorArraySpec, ShardWriter
+from msgfm.data.format import LabelSpec, SensorArraySpec, ShardWriter, remove_stale_partials
 from msgfm.data.georef import Georef
-from msgfm.errors import UserError
+from msgfm.errors import UserError, check_output_folder
 from msgfm.sensors import add_sensors_arg, get_sensor, list_sensors, register_sensor
 
 log = logging.getLogger(__name__)
@@ -117,8 +120,11 @@ def run_conversion(*, items: Sequence[Any], load: Callable[[Any], LoadResult], o
         reasons = "; ".join(f"{item}: {reason}" for item, reason in list(skipped_before)[:3])
         raise UserError(f"nothing to convert for {description}"
                         + (f": {len(skipped_before)} inputs left out, e.g. {reasons}" if reasons else ""))
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = check_output_folder(output_dir, "--output")
+    stale = remove_stale_partials(output_dir)
+    if stale:
+        print(f"removed {len(stale)} unfinished shard file(s) that an interrupted conversion left in {output_dir}: "
+              f"{[p.name for p in stale]}")
     shards: list[Path] = []
     skipped: list[tuple[str, str]] = list(skipped_before)
     writer: ShardWriter | None = None
@@ -131,7 +137,9 @@ def run_conversion(*, items: Sequence[Any], load: Callable[[Any], LoadResult], o
     results: Iterable[tuple[Any, LoadResult]]
     pool = None
     if workers > 1:
-        pool = multiprocessing.get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
+        # the workers ignore Ctrl-C: the main process stops them, and no worker prints a traceback
+        pool = multiprocessing.get_context("spawn" if os.name == "nt" else "fork").Pool(
+            workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
         results = pool.imap(_LoadCall(load), items, chunksize=1)
     else:
         results = (_load_safely(load, item) for item in items)
@@ -193,6 +201,60 @@ def _remove_stale_shards(output_dir: Path, prefix: str, keep: int) -> None:
             path.unlink()
 
 
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def find_inputs(root: Path, suffixes: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files under ``root`` (searched recursively, through symbolic links to folders) whose suffix is one of
+    ``suffixes`` (lower case), sorted; and (path, reason) for what was left out: a symbolic link loop (a link
+    to itself, or a folder link leading back to a folder searched already) and a broken link to an input."""
+    files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    searched: set[str] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in searched:
+            skipped.append((str(folder), f"symbolic link loop: leads back to {real}, searched already"))
+            continue
+        searched.add(real)
+        with os.scandir(folder) as entries:
+            found = sorted(entries, key=lambda e: e.name)
+        for entry in found:
+            path = Path(entry.path)
+            if entry.is_symlink():
+                try:
+                    os.stat(path)
+                except OSError as err:
+                    if err.errno == errno.ELOOP:
+                        skipped.append((str(path), "symbolic link loop: the link leads back to itself"))
+                    elif path.suffix.lower() in suffixes:
+                        skipped.append((str(path), f"broken symbolic link: its target {os.readlink(path)} does "
+                                                   f"not exist"))
+                    continue
+            if entry.is_dir():  # follows a link: images in a linked folder are converted too
+                stack.append(path)
+            elif path.suffix.lower() in suffixes and entry.is_file():
+                files.append(path)
+    return sorted(files), skipped
+
+
+def find_in_layout(root: Path, *patterns: str) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files under ``root`` (through linked folders, as :func:`find_inputs`) whose last path parts match
+    ``patterns`` (fnmatch, case-sensitive; ``("s1_*", "*_s1_*.tif")``: a file in a folder ``s1_*``),
+    sorted, like ``root.glob("**/s1_*/*_s1_*.tif")`` (which does not enter linked folders); and the links
+    left out."""
+    suffix = Path(patterns[-1]).suffix.lower()
+    files, skipped = find_inputs(root, (suffix,))
+    def matches(path: Path) -> bool:
+        tail = path.relative_to(root).parts[-len(patterns):]
+        return len(tail) == len(patterns) and all(map(fnmatch.fnmatchcase, tail, patterns))
+
+    matching = [p for p in files if matches(p)]
+    return matching, skipped
+
+
 # ---------------------------------------------------------------------------------------------- tiling
 
 
@@ -226,17 +288,31 @@ def storage_dtype(dtype: str) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def positive_int(text: str) -> int:
+    """Argparse type of counts and sizes: a whole number >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, prefix: str) -> None:
     """The options every converter takes (and --sensors, for sensors declared in a YAML file)."""
     parser.add_argument("--output", "-o", required=True, type=Path, help="folder for the shards")
     parser.add_argument("--prefix", default=prefix,
                         help=f"shard file names are PREFIX-00000.h5, ... (default: {prefix})")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                         help="processes reading the inputs (default: min(4, CPUs))")
-    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard file (default 1000)")
+    parser.add_argument("--samples-per-shard", type=positive_int, default=1000,
+                        help="samples per shard file (default 1000)")
     parser.add_argument("--compression", choices=["none", "lzf", "gzip"], default="lzf",
                         help="HDF5 compression of the sensor datasets (default lzf: fast; gzip: smaller, slower)")
     add_sensors_arg(parser)
+    parser.set_defaults(on_interrupt="the shards finished so far are complete and the unfinished one was removed; "
+                                     "run the same command again to convert everything (it rewrites the shards)")
 
 
 def run_from_args(args: argparse.Namespace, **kwargs: Any) -> ConversionReport:
@@ -274,7 +350,7 @@ def run_splits_from_args(args: argparse.Namespace, *, splits: Mapping[str, Seque
     if not any(splits.values()):
         raise UserError(f"nothing to convert for {description}: no item in any split; "
                         f"{len(skipped_outside)} left out, e.g. {list(skipped_outside)[:3]}")
-    output = Path(args.output)
+    output = check_output_folder(args.output, "--output")
     reports: dict[str, ConversionReport] = {}
     summary: dict[str, Any] = {}
     for split in SPLITS:

@@ -24,7 +24,9 @@ from msgfm.data.convert.common import (
     LoadResult,
     Sample,
     add_common_args,
+    find_inputs,
     invalid_mask,
+    positive_int,
     run_from_args,
     storage_dtype,
     tile_offsets,
@@ -55,10 +57,11 @@ class TileSource:
     gsd_m: float | None  # from the transforms; None if unknown or different across files
 
 
-def find_tiles(root: Path) -> list[Path]:
+def find_tiles(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The GeoTIFFs under ``root`` (through linked folders) and (path, reason) of the links left out."""
     if root.is_file():
-        return [root]
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+        return [root], []
+    return find_inputs(root, SUFFIXES)
 
 
 def check_tiles(paths: list[Path], sensor: str, bands: BandSelection | None = None) -> TileSource:
@@ -145,7 +148,7 @@ def convert(args: argparse.Namespace) -> int:
         raise UserError(f"--max-nodata must be in [0, 1], got {args.max_nodata}")
     if not args.input.exists():
         raise MissingFileError(f"{args.input}: no such file or folder")
-    paths = find_tiles(args.input)
+    paths, left_out = find_tiles(args.input)
     if not paths:
         raise MissingFileError(f"no .tif/.tiff file under {args.input}")
     bands = parse_band_selection(args.bands) if args.bands else None
@@ -159,7 +162,7 @@ def convert(args: argparse.Namespace) -> int:
                              nodata=source.nodata, max_nodata=args.max_nodata)
     band_note = f", bands {args.bands}" if args.bands else ""
     run_from_args(args, items=paths, load=load, group=args.group or args.sensor, sensors={args.sensor: spec},
-                  source=f"GeoTIFF tiles: {args.input}{band_note}", description="geotiff")
+                  source=f"GeoTIFF tiles: {args.input}{band_note}", description="geotiff", skipped_before=left_out)
     return 0
 
 
@@ -174,7 +177,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bands", default=None, metavar="LIST",
                         help="the file bands that make the sensor's bands, in the sensor's order: 1-based indexes or "
                              "band descriptions, e.g. 3,2,1 or red,green,blue (default: all bands, as stored)")
-    parser.add_argument("--size", type=int, default=192, help="tile size in pixels (default 192)")
+    parser.add_argument("--size", type=positive_int, default=192, help="tile size in pixels (default 192)")
     parser.add_argument("--stride", type=int, default=None, help="step between tiles (default: --size)")
     parser.add_argument("--max-nodata", type=float, default=0.25,
                         help="skip tiles with a larger share of nodata pixels (default 0.25)")

@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args
+from msgfm.data.convert.common import (
+    LoadResult,
+    Sample,
+    SkipItem,
+    add_common_args,
+    find_inputs,
+    positive_int,
+    run_from_args,
+)
 from msgfm.data.format import SensorArraySpec
 from msgfm.errors import MissingFileError
 
@@ -22,8 +30,9 @@ SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 _RGB_CONVERTIBLE = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"}
 
 
-def find_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+def find_images(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The images under ``root`` (through linked folders) and (path, reason) of the links left out."""
+    return find_inputs(root, SUFFIXES)
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -54,13 +63,14 @@ def load_image(path: Path, *, root: Path, size: int) -> LoadResult:
 def convert(args: argparse.Namespace) -> int:
     if not args.root.is_dir():
         raise MissingFileError(f"{args.root} is not a folder of images")
-    paths = find_images(args.root)
+    paths, left_out = find_images(args.root)
     if not paths:
         raise MissingFileError(f"no {'/'.join(SUFFIXES)} file under {args.root}")
     sensors = {"rgb": SensorArraySpec(dtype="uint8", channels=3, height=args.size, width=args.size,
                                       gsd_m=args.gsd_m)}
     run_from_args(args, items=paths, load=functools.partial(load_image, root=args.root, size=args.size),
-                  group=args.group, sensors=sensors, source=f"image folder: {args.root}", description="imagefolder")
+                  group=args.group, sensors=sensors, source=f"image folder: {args.root}", description="imagefolder",
+                  skipped_before=left_out)
     return 0
 
 
@@ -70,7 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Converts every JPG/PNG/TIF under ROOT (recursively) to 8-bit RGB, shorter side resized to "
                     "--size with bicubic interpolation, then center-cropped. Unreadable images are skipped.")
     parser.add_argument("root", type=Path, help="folder of images (searched recursively)")
-    parser.add_argument("--size", type=int, default=192, help="output size in pixels (default 192)")
+    parser.add_argument("--size", type=positive_int, default=192, help="output size in pixels (default 192)")
     parser.add_argument("--gsd-m", type=float, default=None, help="ground sample distance in metres, if known")
     parser.add_argument("--group", default="rgb", help="data group written in the shards (default rgb)")
     add_common_args(parser, prefix="images")

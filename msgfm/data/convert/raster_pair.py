@@ -38,6 +38,7 @@ from msgfm.data.convert.common import (
     SkipItem,
     add_common_args,
     invalid_mask,
+    positive_int,
     run_from_args,
     storage_dtype,
     tile_offsets,
@@ -230,7 +231,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bands", action="append", metavar="SENSOR=LIST",
                         help="the raster bands that make SENSOR's bands, in its order: 1-based indexes or band "
                              "descriptions, e.g. rgb=3,2,1 (default: all bands of the raster, as stored)")
-    parser.add_argument("--size", type=int, default=192, help="tile size in pixels (default 192)")
+    parser.add_argument("--size", type=positive_int, default=192, help="tile size in pixels (default 192)")
     parser.add_argument("--stride", type=int, default=None, help="step between tiles (default: --size)")
     parser.add_argument("--resampling", choices=RESAMPLINGS, default="bilinear",
                         help="how the coarser raster is resampled onto the finer grid, and with --resize both "

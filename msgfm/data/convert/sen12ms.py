@@ -20,7 +20,15 @@ from pathlib import Path
 import rasterio
 from rasterio.warp import transform as warp_transform
 
-from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args
+from msgfm.data.convert.common import (
+    LoadResult,
+    Sample,
+    SkipItem,
+    add_common_args,
+    find_in_layout,
+    positive_int,
+    run_from_args,
+)
 from msgfm.data.format import SensorArraySpec
 from msgfm.data.georef import grid_georef
 from msgfm.errors import MissingFileError
@@ -33,8 +41,9 @@ S1_NAME = re.compile(r"(?P<roi>ROIs\d+_[a-z]+)_s1_(?P<scene>\d+)_p(?P<patch>\d+)
 
 def find_pairs(root: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
     """(S1 file, S2 file) pairs under ``root`` (one ROI folder or a folder of them), and unpaired files."""
-    pairs, skipped = [], []
-    for s1 in sorted(root.glob("**/s1_*/*_s1_*_p*.tif")):
+    pairs: list[tuple[Path, Path]] = []
+    s1_files, skipped = find_in_layout(root, "s1_*", "*_s1_*_p*.tif")
+    for s1 in s1_files:
         match = S1_NAME.fullmatch(s1.name)
         if not match:
             skipped.append((str(s1), "file name does not follow ROIsNNNN_season_s1_SCENE_pPATCH.tif"))
@@ -121,7 +130,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--s2-sensor", choices=S2_SENSOR_CHOICES, default="s2",
                         help="s2: 12 bands without B10 (default, as the pretraining config expects); "
                              "s2_l1c: all 13 L1C bands")
-    parser.add_argument("--size", type=int, default=None,
+    parser.add_argument("--size", type=positive_int, default=None,
                         help="patch size in pixels (default: that of the first patch, 256 in SEN12MS); "
                              "patches of another size are skipped")
     parser.add_argument("--group", default="sen12ms", help="data group written in the shards (default sen12ms)")

@@ -24,7 +24,16 @@ from typing import Any
 import numpy as np
 import rasterio
 
-from msgfm.data.convert.common import LoadResult, Sample, SkipItem, add_common_args, run_from_args, run_splits_from_args
+from msgfm.data.convert.common import (
+    LoadResult,
+    Sample,
+    SkipItem,
+    add_common_args,
+    find_in_layout,
+    positive_int,
+    run_from_args,
+    run_splits_from_args,
+)
 from msgfm.data.convert.sen12ms import S1_NAME as _S1
 from msgfm.data.convert.sen12ms import (
     S2_SCALE,
@@ -66,8 +75,9 @@ _SPLIT_OF_SCENE = {(roi, scene): split for split, rois in OFFICIAL_SPLITS.items(
 
 def find_triplets(root: Path) -> tuple[list[tuple[Path, Path, Path]], list[tuple[str, str]]]:
     """(S1, cloud-free S2, cloudy S2) files under ``root``, and S1 patches lacking a partner."""
-    triplets, skipped = [], []
-    for s1 in sorted(root.glob("**/*_s1/s1_*/*_s1_*_p*.tif")):
+    triplets: list[tuple[Path, Path, Path]] = []
+    s1_files, skipped = find_in_layout(root, "*_s1", "s1_*", "*_s1_*_p*.tif")
+    for s1 in s1_files:
         match = _S1.fullmatch(s1.name)
         if not match:
             skipped.append((str(s1), "file name does not follow ROIsNNNN_season_s1_SCENE_pPATCH.tif"))
@@ -166,7 +176,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--s2-sensor", choices=S2_SENSOR_CHOICES, default="s2",
                         help="s2: 12 bands without B10 (default, matches the pretrained s2 embedding); "
                              "s2_l1c: all 13 L1C bands")
-    parser.add_argument("--size", type=int, default=None, help="patch size (default: the first patch's, 256)")
+    parser.add_argument("--size", type=positive_int, default=None, help="patch size (default: the first patch's, 256)")
     parser.add_argument("--splits", action="store_true",
                         help="write the official split, one folder each: OUTPUT/train, OUTPUT/val, OUTPUT/test "
                              "(scenes of none of them are reported, not converted)")

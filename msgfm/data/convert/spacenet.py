@@ -47,6 +47,7 @@ from msgfm.data.convert.common import (
     Sample,
     SkipItem,
     add_common_args,
+    positive_int,
     run_from_args,
     storage_dtype,
     tile_offsets,
@@ -266,7 +267,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="the MS file's bands in order, naming at least the sensor's bands (default: the "
                              "sensor's order; wv3_ms: 'coastal,blue,green,yellow,red,rededge,nir1,nir2', wv2_ms: "
                              "'blue,green,red,nir1'; SpaceNet 6 RGBNIR: 'red,green,blue,nir1')")
-    parser.add_argument("--size", type=int, default=128, help="tile size on the MS grid (default 128)")
+    parser.add_argument("--size", type=positive_int, default=128, help="tile size on the MS grid (default 128)")
     parser.add_argument("--stride", type=int, default=0, help="tile stride (default: size)")
     add_common_args(parser, prefix="spacenet")
     parser.set_defaults(func=convert)
@@ -276,7 +277,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Tiles a single-band image and its 0/non-zero building mask into pan + labels/segmentation.")
     buildings.add_argument("image", type=Path)
     buildings.add_argument("mask", type=Path)
-    buildings.add_argument("--size", type=int, default=128, help="tile size (default 128)")
+    buildings.add_argument("--size", type=positive_int, default=128, help="tile size (default 128)")
     buildings.add_argument("--stride", type=int, default=0, help="tile stride (default: size)")
     add_common_args(buildings, prefix="spacenet_buildings")
     buildings.set_defaults(func=convert_buildings)

@@ -38,6 +38,7 @@ from msgfm.data.convert.common import (
     Sample,
     SkipItem,
     add_common_args,
+    positive_int,
     run_from_args,
     run_splits_from_args,
     tile_offsets,
@@ -194,7 +195,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--test-labels", choices=["full", "eroded"], default=None,
                         help="with --splits: references of the test split (default: --labels); eroded = the ISPRS "
                              "'no boundary' scoring")
-    parser.add_argument("--size", type=int, default=512, help="tile size in pixels (default 512)")
+    parser.add_argument("--size", type=positive_int, default=512, help="tile size in pixels (default 512)")
     parser.add_argument("--stride", type=int, default=0, help="tile stride (default: size, no overlap)")
     add_common_args(parser, prefix="vaihingen")
     parser.set_defaults(func=convert)
