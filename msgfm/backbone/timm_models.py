@@ -60,7 +60,7 @@ def config_architecture(config_name: str) -> dict[str, Any]:
     return {"architecture": arch, "sensors": {s: {"bands": list(get_sensor(s).bands)} for s in cfg.sensors_in_model}}
 
 
-def _same_shape(name: str, export_arch: Mapping[str, Any], named_arch: Mapping[str, Any], file: str) -> None:
+def same_shape(name: str, export_arch: Mapping[str, Any], named_arch: Mapping[str, Any], file: str) -> None:
     differs = [k for k in _SHAPE_KEYS if list(_tuple(export_arch[k])) != list(_tuple(named_arch[k]))]
     if (export_arch.get("moe") is None) != (named_arch.get("moe") is None):
         differs.append("moe")
@@ -85,7 +85,7 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> MsGFMSwin:
     if file:
         config = read_config(Path(file).parent)
         if config_name is not None:
-            _same_shape(name, config["architecture"], config_architecture(config_name)["architecture"], file)
+            same_shape(name, config["architecture"], config_architecture(config_name)["architecture"], file)
     elif config_name is None:
         raise UserError("msgfm_swin takes its architecture from an export: pass "
                         "pretrained_cfg_overlay={'file': 'EXPORT_DIR/model.safetensors'}")
