@@ -311,3 +311,30 @@ def test_export_is_logged_as_an_mlflow_model_of_its_run(tiny_pretrained_run, tmp
     files = {f.path for f in client.list_logged_model_artifacts(models[0].model_id)} \
         if hasattr(client, "list_logged_model_artifacts") else {"config.json"}
     assert "config.json" in files
+
+
+def test_a_fine_tuning_run_exports_its_stacked_backbone(tmp_path):
+    from msgfm.config import load_config
+    from msgfm.config.finetune import load_finetune_config, save_finetune_config
+    from msgfm.finetune.build import encoder_config, new_model
+
+    run_cfg = load_config("demo_cpu", ["model.moe.expert_parallel_size=1", "model.img_size=32"])
+    cfg = load_finetune_config("ft_ben_tiny", ["task.sensors=[sar, s2]", "model.img_size=32"])
+    torch.manual_seed(0)
+    model = new_model(cfg, encoder_config(cfg, run_cfg.to_dict()["model"])).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cfg.model = model.backbone.model_cfg  # what a fine-tuning run records
+    run = tmp_path / "ft_run"
+    (run / "best").mkdir(parents=True)
+    save_finetune_config(cfg, run / "config.yaml")
+    torch.save(model.state_dict(), run / "best" / "model.pt")
+    config, source = export(run, tmp_path / "export")
+    assert source.kind == "fine-tuning" and list(config["sensors"]) == ["sar+s2"]
+    assert config["sensors"]["sar+s2"]["bands"] == ["VV", "VH", *get_sensor("s2").bands]
+    ours = load_backbone(tmp_path / "export", sensors=["sar+s2"])
+    x = torch.randn(2, 14, 32, 32, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        expected = model.backbone.forward_features(x, "sar+s2")
+        assert (ours.forward_features(x) - expected).abs().max() < TOL

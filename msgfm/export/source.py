@@ -77,10 +77,7 @@ def read_source(path: str | Path) -> ExportSource:
 
 def _read_pretraining(path: Path) -> ExportSource:
     folder = ckpt.resolve_checkpoint_dir(path)  # verified against its manifest; a torn one is refused
-    main = load_weights(folder / ckpt.MODEL_STATES, "pretrained weights")
-    if not isinstance(main, dict) or "module" not in main:
-        raise UserError(f"{folder / ckpt.MODEL_STATES}: not a DeepSpeed model-states file (no 'module' entry)")
-    meta = main.get("msgfm") or {}
+    meta = ckpt.load_client_state(folder).get("msgfm") or {}
     if "config" not in meta:
         raise UserError(f"{folder}: the checkpoint records no msgfm config (client state 'msgfm.config'); "
                         f"it was not written by msgfm pretraining")
