@@ -250,6 +250,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("deepspeed", "mlflow"
 '''
 
 
+@pytest.mark.slow
 def test_backbone_runs_where_deepspeed_cannot_be_imported(exported, tiny_pretrained_run, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
     env = {"PYTHONPATH": f"{tmp_path}:{Path(msgfm.__file__).parents[1]}", "PATH": "/usr/bin:/bin",
@@ -266,6 +267,21 @@ def test_backbone_runs_where_deepspeed_cannot_be_imported(exported, tiny_pretrai
         expected = ref.forward_intermediates(x, "s2", output_fmt="NCHW")
     assert [f.shape for f in out["timm"]] == [e.shape for e in expected]
     assert all((f - e).abs().max() < TOL for f, e in zip(out["timm"], expected))
+
+
+def test_paper_architectures_by_name_have_the_papers_parameter_counts():
+    """msgfm_swinb_192 (MoE) and its dense sibling, built on the meta device: encoder parameters (no patch
+    embedding) as msgfm's own model counts them (README: 219,037,368 with MoE, 86,718,648 dense = timm's Swin-B)."""
+    with torch.device("meta"):
+        moe = timm.create_model("msgfm_swinb_192")
+        dense = timm.create_model("msgfm_swinb_192_dense")
+
+    def encoder(model):
+        return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("patch_embed."))
+
+    assert encoder(moe) == 219_037_368 and encoder(dense) == 86_718_648
+    assert sorted(moe.moe_layers()) == [f"layers.2.blocks.{j}.mlp" for j in sorted(range(1, 18, 2), key=str)]
+    assert moe.in_chans == 3 and moe.sensors == ["rgb"]  # no file: the config's first sensor
 
 
 def test_timm_names_and_the_backbone_contract(exported):
