@@ -318,15 +318,16 @@ def test_export_is_logged_as_an_mlflow_model_of_its_run(tiny_pretrained_run, tmp
     experiment = client.create_experiment("export-test", artifact_location=(tmp_path / "art").as_uri())
     run_id = client.create_run(experiment).info.run_id
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    out = tmp_path / "logged"
+    out = tiny_pretrained_run / "exports" / "logged"  # inside the run folder: its tag is relative
     assert msgfm_main(["export", str(tiny_pretrained_run), "-o", str(out), "--mlflow-run", run_id]) == 0
     models = client.search_logged_models(experiment_ids=[experiment])
-    assert len(models) == 1 and models[0].source_run_id == run_id and models[0].status.to_proto() == 2 or \
-        str(models[0].status).endswith("READY")
-    assert models[0].params["sensors"] == "rgb,s2,sar,dsm"
-    files = {f.path for f in client.list_logged_model_artifacts(models[0].model_id)} \
-        if hasattr(client, "list_logged_model_artifacts") else {"config.json"}
-    assert "config.json" in files
+    assert len(models) == 1
+    model = models[0]
+    assert model.source_run_id == run_id and "READY" in str(model.status) and model.name == "msgfm-backbone"
+    assert model.params["sensors"] == "rgb,s2,sar,dsm" and model.params["sensors.sar.bands"] == "VV,VH"
+    assert model.tags["msgfm.export_dir"] == "exports/logged"
+    files = {f.path for f in client.list_logged_model_artifacts(model.model_id)}
+    assert files == {"model.safetensors", "config.json", "README.md"}
 
 
 def test_a_fine_tuning_run_exports_its_stacked_backbone(tmp_path):
