@@ -290,6 +290,11 @@ def test_timm_names_and_the_backbone_contract(exported):
     features = timm.create_model("msgfm_swin", pretrained=True, features_only=True, sensors=["sar", "s2"],
                                  pretrained_cfg_overlay=file, out_indices=(1, 3))
     assert features.feature_info.channels() == [64, 256] and features.feature_info.reduction() == [8, 32]
+    # timm's data config normalizes with the statistics the model was trained with
+    data_config = timm.data.resolve_model_data_config(features)
+    config = json.loads((exported / "config.json").read_text())
+    expected_mean = [v for s in ("sar", "s2") for v in config["sensors"][s]["normalization"][0]["mean"]]
+    assert list(data_config["mean"]) == expected_mean and data_config["input_size"] == (14, 32, 32)
     with pytest.raises(UserError, match="differs from msgfm_swinb_192's"):
         timm.create_model("msgfm_swinb_192", pretrained=True, pretrained_cfg_overlay=file)
     with pytest.raises(UserError, match="pretrained=True needs the export's weights"):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from msgfm.backbone.model import MsGFMSwin, pick_sensors, read_config, swin_kwargs, to_swin_state
+from msgfm.backbone.model import MsGFMSwin, normalization, pick_sensors, read_config, swin_kwargs, to_swin_state
 from msgfm.errors import UserError
 
 # timm name -> the msgfm config its architecture comes from (one place for the Swin-B numbers: msgfm/configs)
@@ -99,6 +99,12 @@ def _create(name: str, pretrained: bool = False, **kwargs: Any) -> MsGFMSwin:
     if "in_chans" in kwargs and kwargs.pop("in_chans") != model_kwargs["in_chans"]:
         raise UserError(f"{name}: in_chans differs from the {model_kwargs['in_chans']} bands of sensors {chosen}; "
                         f"choose the sensors with sensors=[...] instead")
+    # timm's data config (resolve_model_data_config) then normalizes as the model was trained
+    norm = normalization(config, chosen)
+    size = config["architecture"]["img_size"]
+    kwargs["pretrained_cfg_overlay"] = {"input_size": (model_kwargs["in_chans"], size, size),
+                                        **({"mean": tuple(norm["mean"]), "std": tuple(norm["std"])} if norm else {}),
+                                        **overlay}
     depths = model_kwargs["depths"]
     out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
 
