@@ -44,8 +44,8 @@ def sensor_entry(source: ExportSource, sensor: str) -> dict[str, Any]:
     parts = sensor.split("+")
     specs = [get_sensor(p) for p in parts]
     wavelengths = [w for spec in specs for w in (spec.wavelengths_nm or (None,) * spec.num_channels)]
-    groups = sorted(g for g, sensors in source.group_sensors.items() if set(parts) <= set(sensors) or
-                    (g == "finetune" and sensor.split("+") == sensors))
+    # in the run config's group order: the first entry is the default normalization (load_backbone, timm)
+    groups = [g for g, sensors in source.group_sensors.items() if set(parts) <= set(sensors)]
     normalization: list[dict[str, Any]] = []
     storage: dict[str, Any] = {}
     units = sorted({source.stats[g].get("units", "physical") for g in groups if g in source.stats})
