@@ -335,6 +335,20 @@ def test_export_is_logged_as_an_mlflow_model_of_its_run(tiny_pretrained_run, tmp
     assert files == {"model.safetensors", "config.json", "README.md"}
 
 
+def test_a_tracked_run_whose_mlflow_run_is_gone_still_exports(tiny_pretrained_run, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_pretrained_run, run, ignore=shutil.ignore_patterns("exports"))
+    (run / "mlflow_run_id").write_text("0123456789abcdef0123456789abcdef")  # tracked, in a store that lost it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    assert msgfm_main(["export", str(run), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert "logging it to MLflow run 0123456789abcdef0123456789abcdef" in capsys.readouterr().err
+    # asked for explicitly, the same failure is the command's: one line, exit 2
+    assert msgfm_main(["export", str(run), "-o", str(tmp_path / "out"), "--mlflow-run", "0" * 32]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"MLflow run {'0' * 32} not found" in err
+
+
 def test_a_fine_tuning_run_exports_its_stacked_backbone(tmp_path):
     from msgfm.config import load_config
     from msgfm.config.finetune import load_finetune_config, save_finetune_config

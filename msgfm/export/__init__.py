@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
+from msgfm.errors import UserError
 from msgfm.export.writer import export
 
 __all__ = ["add_parser", "export"]
@@ -49,8 +51,17 @@ def run(args: argparse.Namespace) -> int:
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or source.tracking_uri
         if uri is None:
-            print("msgfm export: --mlflow-run given but no tracking store is known: set MLFLOW_TRACKING_URI")
-            return 2
-        model_id = log_export(out, config, uri, run_id, source.run_dir)
+            raise UserError(f"--mlflow-run {run_id}: {args.source} is not inside a run folder, so its MLflow store "
+                            f"is unknown; set MLFLOW_TRACKING_URI")
+        try:
+            model_id = log_export(out, config, uri, run_id, source.run_dir)
+        except Exception as err:
+            if args.mlflow_run:  # asked for explicitly: a failure is the command's failure
+                raise
+            # the run's own MLflow store, unreachable or changed: the export itself is written and stays valid
+            print(f"msgfm export: {out} is written; logging it to MLflow run {run_id} at {uri} failed "
+                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); log it later with "
+                  f"--mlflow-run {run_id}, or pass --no-mlflow", file=sys.stderr)
+            return 0
         print(f"logged to MLflow run {run_id} as logged model {model_id} ({uri})")
     return 0
