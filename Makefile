@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[train,data,dev]'
 	touch $(STAMP)
 
 # README command 1: the sample data, then 2 CPU ranks through the deepspeed launcher (gloo, ZeRO-2,

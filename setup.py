@@ -7,26 +7,37 @@ import os
 
 from setuptools import find_packages, setup
 
+# The backbone install (`pip install msgfm`): enough for msgfm.load_backbone, the timm names and an
+# exported model (msgfm/backbone imports nothing else). Training and data need the extras below;
+# the Makefile (the README's two commands) installs all of them.
 RUNTIME = [
     # torch comes from the package registry; its CUDA build runs on CPU too.
     # V100 (sm_70) needs a CUDA 12.x build of torch: see the README.
     "torch>=2.4",
     "torchvision",  # pip picks the build that matches torch (timm needs it)
-    "deepspeed>=0.19.4",  # older versions dispatch MoE with dense one-hot einsums
     "timm>=1.0",
     "numpy",
-    "h5py>=3.8",
-    "mlflow>=2.10",
     "pyyaml>=6",
-    "rasterio>=1.3",  # GeoTIFF reading in the converters
-    "pyarrow>=12",  # BigEarthNet v2 metadata.parquet in the bigearthnet converter
-    "pillow",  # JPEG/PNG reading in the imagefolder converter
+    "safetensors",  # exported weights; timm weights for fine-tuning baselines
+]
+
+TRAIN = [
+    "deepspeed>=0.19.4",  # older versions dispatch MoE with dense one-hot einsums
+    "mlflow>=3.0",  # tracking; exports are logged as MLflow 3 logged models
+    "h5py>=3.8",
     "tqdm",  # progress bars for conversion and training
     "matplotlib",  # reconstruction and prediction figures
     "torchmetrics>=1.0",  # downstream metrics
     "ninja",  # JIT build of the fused kernels
-    "safetensors",  # timm weights for fine-tuning baselines
     "packaging",  # version comparison in `msgfm doctor`
+]
+
+DATA = [
+    "h5py>=3.8",
+    "rasterio>=1.3",  # GeoTIFF reading in the converters
+    "pyarrow>=12",  # BigEarthNet v2 metadata.parquet in the bigearthnet converter
+    "pillow",  # JPEG/PNG reading in the imagefolder converter
+    "tqdm",
 ]
 
 DEV = [
@@ -36,6 +47,7 @@ DEV = [
     "scikit-image",  # independent reference for SSIM / PSNR
     "ruff==0.17.6",  # lint and import order (make lint; pyproject.toml); pinned: new releases add rules
     "mypy==2.4.1",  # type check of the package (make lint); pinned for the same reason
+    "terratorch==1.2.*",  # msgfm backbones in TerraTorch (tests/test_terratorch.py; brings torchgeo, Lightning)
 ]
 
 
@@ -84,7 +96,7 @@ setup(
     package_data={"msgfm": ["configs/*.yaml"]},
     include_package_data=True,
     install_requires=RUNTIME,
-    extras_require={"dev": DEV},
+    extras_require={"train": TRAIN, "data": DATA, "dev": TRAIN + DATA + DEV},
     entry_points={"console_scripts": ["msgfm=msgfm.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

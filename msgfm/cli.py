@@ -22,13 +22,14 @@ COMMANDS = {
     "doctor": "msgfm.doctor",
     "verify": "msgfm.runfolder.verify",
     "track-sync": "msgfm.runfolder.track_sync",
+    "export": "msgfm.export",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msgfm", description="msGFM tools: convert rasters to HDF5 shards, "
                                      "compute band statistics, inspect shards, build the sample data; verify a "
-                                     "run's checkpoints, replay its tracking into MLflow.")
+                                     "run's checkpoints, replay its tracking into MLflow; export a trained model.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMANDS.values():

@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "msgfm"
 BASE = {"errors", "sensors"}
 ALLOWED = {
     "errors": set(),
+    "backbone": BASE | {"config"},  # the DeepSpeed-free backbone: torch, timm, safetensors, yaml only
     "sensors": {"errors"},
     "config": BASE,
     "ops": BASE | {"config"},
@@ -21,7 +22,7 @@ ALLOWED = {
     "train": BASE | {"config", "ops", "models", "data", "tasks"},
     "finetune": BASE | {"config", "ops", "models", "data", "tasks", "train"},
 }
-TOP = {"bench", "doctor", "runfolder", "cli", "__init__", "__main__"}  # entry points: may import anything
+TOP = {"bench", "doctor", "runfolder", "export", "cli", "__init__", "__main__"}  # entry points: may import anything
 
 
 def part(module: str) -> str:

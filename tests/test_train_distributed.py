@@ -270,3 +270,23 @@ def test_torn_newest_checkpoint_is_set_aside_and_the_run_continues_bit_exactly(r
     history = MlflowClient(f"sqlite:///{d}/mlflow.db").get_metric_history(
         (d / "mlflow_run_id").read_text().strip(), "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 13))  # steps 9-12 were not sent twice
+
+
+def test_the_two_rank_expert_parallel_checkpoint_exports_and_loads_without_deepspeed(runs, tmp_path):
+    """msgfm export reads the engine's 2-rank, expert-parallel-2 layout; the plain backbone equals msgfm's model."""
+    from msgfm.backbone import load_backbone
+    from msgfm.config import load_config
+    from msgfm.export import export
+    from msgfm.tasks import build_pretrain_task
+    from msgfm.train.checkpoint import load_model_state_dict
+
+    export(runs["a"], tmp_path / "export")
+    cfg = load_config(runs["folder"] / "tiny.yaml", ["model.moe.expert_parallel_size=1",
+                                                     "model.moe.eval_capacity_factor=4"])
+    reference = build_pretrain_task(cfg)
+    reference.load_state_dict(load_model_state_dict(runs["a"]), strict=True)
+    x = torch.randn(2, 2, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = reference.backbone.eval().forward_features(x, "sar")
+        got = load_backbone(tmp_path / "export", sensors="sar").forward_features(x)
+    assert (got - expected).abs().max() < 1e-5

@@ -105,7 +105,7 @@ def build_trainer(cfg: RunConfig, ds_config: dict[str, Any], plan: DataPlan, out
                                eval_interval_epochs=train.val_interval_epochs, keep_last=train.keep_last,
                                max_nonfinite_steps=train.max_nonfinite_steps)
     tracker = Tracker(cfg.tracking, out, active=tracking and rank == 0 and cfg.tracking.enabled)
-    client_extra = {"config": cfg.to_dict(), "ds_config": ds_config, "stats": data.stats}
+    client_extra = {"config": cfg.to_dict(), "ds_config": ds_config, "stats": data.stats, "git_commit": git_commit()}
     return Trainer(engine, data.train, base_lrs=base_lrs, schedule=schedule, settings=settings, tracker=tracker,
                    output_dir=out, rank=rank, world_size=world, client_extra=client_extra,
                    evaluator=HeldOutLoss(data.val, train.max_val_batches))
