@@ -19,6 +19,7 @@ COMMANDS = {
     "doctor": "msgfm.doctor",
     "verify": "msgfm.runfolder.verify",
     "track-sync": "msgfm.runfolder.track_sync",
+    "predict": "msgfm.predict",
 }
 
 

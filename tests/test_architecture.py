@@ -21,7 +21,7 @@ ALLOWED = {
     "train": BASE | {"config", "ops", "models", "data", "tasks"},
     "finetune": BASE | {"config", "ops", "models", "data", "tasks", "train"},
 }
-TOP = {"bench", "doctor", "runfolder", "cli", "__init__", "__main__"}  # entry points: may import anything
+TOP = {"bench", "doctor", "runfolder", "predict", "cli", "__init__", "__main__"}  # entry points: may import anything
 
 
 def part(module: str) -> str:

