@@ -36,21 +36,26 @@ TILE = 64  # the tiny configs' img_size / eval_tile
 
 
 def _one_step(config: str, shards: Path, out: Path, pretrained: Path, *overrides: str) -> Path:
-    assert finetune(config, ["tracking.enabled=false", "train.max_steps=1", "train.max_eval_batches=1",
-                             "train.num_figures=0", *overrides], "ds_configs/cpu.json", pretrained=str(pretrained),
-                    data_root=str(shards), output_dir=str(out)) == 0
+    assert finetune(config, ["train.max_steps=1", "train.max_eval_batches=1", "train.num_figures=0", *overrides],
+                    "ds_configs/cpu.json", pretrained=str(pretrained), data_root=str(shards), output_dir=str(out)) == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def seg_run(single_rank_dist, tmp_path_factory) -> Path:
-    """ft_vaihingen_tiny (rgb + dsm, 6 classes) after one step on the Vaihingen-layout fixture."""
+    """ft_vaihingen_tiny (rgb + dsm, 6 classes) after one step on the Vaihingen-layout fixture, tracked in the
+    run folder's own MLflow store."""
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path_factory.mktemp("seg")
     write_vaihingen(root / "raw", height=64, width=64)
     convert(["vaihingen", str(root / "raw"), "-o", str(root / "shards"), "--size", "64", "--workers", "1"])
     write_stats(sorted((root / "shards").glob("*.h5")), progress=False)
-    return _one_step("ft_vaihingen_tiny", root / "shards", root / "run", write_pretraining_checkpoint(root / "pre"),
-                     "data.train_crop=0")
+    try:
+        return _one_step("ft_vaihingen_tiny", root / "shards", root / "run",
+                         write_pretraining_checkpoint(root / "pre"), "data.train_crop=0")
+    finally:
+        mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +69,7 @@ def pansharpen_run(single_rank_dist, tmp_path_factory) -> Path:
     write_stats(sorted((root / "shards").glob("*.h5")), progress=False)
     with pytest.warns(UserWarning, match="no patch embedding"):
         return _one_step("ft_spacenet_tiny", root / "shards", root / "run",
-                         write_pretraining_checkpoint(root / "pre"))
+                         write_pretraining_checkpoint(root / "pre"), "tracking.enabled=false")
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +131,11 @@ def test_segmentation_scene_keeps_the_grid_and_the_nodata(seg_run, landsat, tmp_
     monkeypatch.setattr(rasterio.io.DatasetReader, "read", read)
     monkeypatch.setattr(rasterio.io.DatasetWriter, "write", write)
     out = predict(model=seg_run, task="vaihingen", inputs=[str(rgb), str(dem)], out=tmp_path / "classes.tif",
-                  progress=False)
+                  overlap=0.25, progress=False)
     monkeypatch.undo()
     # bounded memory: every read is one tile of one input, every write one strip of at most a tile's rows
     assert reads and None not in reads and max(h * w for h, w in reads) <= TILE * TILE
-    assert len(reads) == 2 * len(tile_starts(373, TILE, 0.5)) * len(tile_starts(485, TILE, 0.5))
+    assert len(reads) == 2 * len(tile_starts(373, TILE, 0.25)) * len(tile_starts(485, TILE, 0.25))
     assert writes and all(shape[0] == 1 and shape[1] <= TILE and shape[2] == 485 for shape in writes)
     assert sum(shape[1] for shape in writes) == 373
     with rasterio.open(rgb) as src, rasterio.open(out) as pred:
@@ -170,6 +175,30 @@ def test_probabilities_of_one_tile_equal_the_models_forward(seg_run, landsat, tm
     assert probs.shape == (6, TILE, TILE)
     np.testing.assert_allclose(probs, expected, atol=2e-5)
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+
+
+def test_the_mlflow_logged_model_is_a_model_predict_takes(seg_run, landsat, tmp_path):
+    from mlflow import MlflowClient
+
+    from msgfm.train.tracking import artifact_repository
+
+    client = MlflowClient(f"sqlite:///{seg_run}/mlflow.db")
+    run = client.get_run((seg_run / "mlflow_run_id").read_text())
+    contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"]
+                for i in run.inputs.dataset_inputs}
+    assert contexts == {"vaihingen-train": "training", "vaihingen-val": "validation"}
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert model.source_run_id == run.info.run_id and model.params["config.task.name"] == "vaihingen"
+    folder = Path(artifact_repository(seg_run, model.artifact_location).download_artifacts("", str(tmp_path)))
+    rgb, dem = landsat
+    window = Window(110, 120, TILE, TILE)
+    inputs = [str(_crop(rgb, window, tmp_path / "rgb.tif")), str(_crop(dem, window, tmp_path / "dem.tif"))]
+    from_run = predict(model=seg_run, task="vaihingen", inputs=inputs, out=tmp_path / "a.tif", output="probabilities",
+                       progress=False)
+    from_model = predict(model=folder, task="vaihingen", inputs=inputs, out=tmp_path / "b.tif",
+                         output="probabilities", progress=False)
+    with rasterio.open(from_run) as a, rasterio.open(from_model) as b:
+        assert np.array_equal(a.read(), b.read())
 
 
 @pytest.mark.parametrize(("height", "width", "overlap"), [(150, 170, 0.5), (64, 200, 0.25), (40, 70, 0.5)])

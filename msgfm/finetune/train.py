@@ -13,7 +13,10 @@ Output folder::
     best/model.pt, best/metrics.json   the best validation weights (consolidated state dict)
     train_ids_*.txt             the training subset (train fraction < 1)
     outputs/                    figures and per-class tables (also MLflow artifacts)
-    metrics.jsonl, mlflow.db    metrics per logging step and per epoch
+    config.yaml, model_inputs.json   the resolved config; what the model expects of its inputs (msgfm predict)
+    metrics.jsonl, mlflow.db    metrics per logging step and per epoch; MLflow also gets the shards of each
+                                split as datasets and the best weights as a logged model at the end
+    mlartifacts/                MLflow's artifacts, at locations relative to this folder
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from msgfm.errors import MissingFileError, UserError
 from msgfm.finetune.build import build_finetune_model, fine_tuned_run_dir, fine_tuned_state
 from msgfm.finetune.data import EpochBatches, TaskDataset, make_loader, split_paths, task_stats
 from msgfm.finetune.evaluate import evaluate, summary_line, write_outputs
-from msgfm.finetune.inputs import ModelInputs, model_inputs, write_model_inputs
+from msgfm.finetune.inputs import INPUTS_FILE, ModelInputs, model_inputs, write_model_inputs
 from msgfm.finetune.options import param_groups, select_train_fraction
 from msgfm.finetune.transfer import TransferReport
 from msgfm.tasks.downstream import DownstreamTask
@@ -45,7 +48,7 @@ from msgfm.train.engine import build_engine, total_steps
 from msgfm.train.optim import optimizer_class
 from msgfm.train.runtime import device_name, git_commit, init_process_group, seed_everything
 from msgfm.train.schedule import LRSchedule
-from msgfm.train.tracking import Tracker
+from msgfm.train.tracking import ShardSet, Tracker
 from msgfm.train.trainer import Trainer, TrainerSettings
 
 if TYPE_CHECKING:
@@ -109,16 +112,18 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
         trainer.resume(latest)
     if rank == 0:
         _start_tracking(trainer, cfg, ds_config, report, inputs, opt_name, len(train_batches.dataset),
-                        resumed=latest is not None)
+                        resumed=latest is not None, datasets=_shard_sets(cfg, root))
     try:
         trainer.fit()
         _final_test(trainer, cfg, stats, root, class_names)
+        if rank == 0:
+            _log_model(tracker, cfg, out, trainer.step)
     finally:
         tracker.close()
     if rank == 0:
         metric_name = BEST_METRIC[cfg.task.kind][0]
         print(f"\nDone. best val {metric_name} = {evaluator.best} (epoch {evaluator.best_epoch}); weights: "
-              f"{out / 'best' / 'model.pt'}; MLflow: mlflow ui --backend-store-uri {tracker.uri}", flush=True)
+              f"{out / 'best' / 'model.pt'}; MLflow: {tracker.ui_command()}", flush=True)
     return 0
 
 
@@ -302,8 +307,28 @@ def _evaluate_only(cfg: FinetuneConfig, checkpoint: str | None, stats: Stats, ro
     return 0
 
 
+def _shard_sets(cfg: FinetuneConfig, root: Path) -> list[ShardSet]:
+    """The shards of each split, for MLflow's dataset inputs."""
+    contexts = {"train": "training", "val": "validation", "test": "test"}
+    return [ShardSet(name=f"{cfg.task.name}-{split}", context=context,
+                     shards=tuple(read_shard_info(p, check_data=False) for p in paths))
+            for split, context in contexts.items() if (paths := split_paths(cfg, root, split))]
+
+
+def _log_model(tracker: Tracker, cfg: FinetuneConfig, out: Path, step: int) -> None:
+    """The best weights as an MLflow logged model, laid out as a run folder (config.yaml, model_inputs.json,
+    best/): its artifact folder is itself a model `msgfm predict --model` takes."""
+    best = out / "best"
+    if not (best / "model.pt").is_file():
+        return
+    files = [("", out / "config.yaml"), ("", out / INPUTS_FILE), ("best", best / "model.pt"),
+             ("best", best / "metrics.json")]
+    tracker.log_model(cfg.name, files, params={"config": cfg.to_dict()}, model_type="msgfm-finetuned", step=step)
+
+
 def _start_tracking(trainer: Trainer, cfg: FinetuneConfig, ds_config: dict[str, Any], report: TransferReport | None,
-                    inputs: ModelInputs, opt_name: str, num_train: int, resumed: bool) -> None:
+                    inputs: ModelInputs, opt_name: str, num_train: int, resumed: bool,
+                    datasets: list[ShardSet]) -> None:
     """Rank 0: the resolved configs, the model's inputs (units, statistics; what `msgfm predict` reads) and the
     transfer report beside the run; open (or reopen) the MLflow run."""
     out = trainer.output_dir
@@ -325,7 +350,7 @@ def _start_tracking(trainer: Trainer, cfg: FinetuneConfig, ds_config: dict[str, 
                              "total_steps": trainer.total_steps, "optimizer": opt_name}},
                          tags={"git_commit": git_commit(), "world_size": str(trainer.world_size),
                                "task": cfg.task.name, "devices": device_name()},
-                         artifacts=artifacts)
+                         artifacts=artifacts, datasets=datasets)
     print(f"msgfm fine-tuning: {cfg.name}, task {cfg.task.name} ({cfg.task.kind}), sensors {cfg.task.sensors}, "
           f"method {cfg.transfer.method}, {num_train} training samples, {steps_per_epoch} steps/epoch, "
           f"{trainer.total_steps} steps, {trainer.world_size} rank(s)", flush=True)
