@@ -22,13 +22,16 @@ from test_finetune import write_pretraining_checkpoint
 from msgfm.cli import main as msgfm_main
 from msgfm.config.finetune import load_finetune_config
 from msgfm.data.convert import run as convert
+from msgfm.data.convert.bigearthnet import _read_band as read_band_on_10m_grid
 from msgfm.data.stats import load_stats, write_stats
 from msgfm.finetune.build import encoder_config, new_model
+from msgfm.finetune.data import TaskDataset
 from msgfm.finetune.inputs import read_model_inputs
 from msgfm.finetune.train import finetune
 from msgfm.predict.blend import blend_scene, tile_starts, window_weight
 from msgfm.predict.run import predict
 from msgfm.predict.scene import SceneInputs
+from msgfm.sensors import get_sensor
 
 pytestmark = pytest.mark.realdata
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
@@ -73,6 +76,20 @@ def pansharpen_run(single_rank_dist, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def ben_run(single_rank_dist, tmp_path_factory) -> Path:
+    """ft_ben_tiny (sar + s2, 19 classes, 120 px patches resized to 64) after one step on the real BigEarthNet-MM
+    examples."""
+    folder, root = REALDATA / "bigearthnet_mm_v1", tmp_path_factory.mktemp("ben")
+    if not folder.is_dir():
+        pytest.skip(f"real sample data not found at {folder}")
+    assert convert(["bigearthnet", "--s1", str(folder / "BigEarthNet-S1-Example"), "--s2",
+                    str(folder / "BigEarthNet-S2-Example"), "-o", str(root / "shards"), "--workers", "1"]) == 0
+    write_stats(sorted((root / "shards").glob("*.h5")), progress=False)
+    return _one_step("ft_ben_tiny", root / "shards", root / "run", write_pretraining_checkpoint(root / "pre"),
+                     "tracking.enabled=false")
+
+
+@pytest.fixture(scope="module")
 def landsat(tmp_path_factory) -> tuple[Path, Path]:
     """The real Landsat RGB (373 x 485, nodata 255) and the real DEM resampled onto its grid (float32 metres,
     NaN outside the DEM's smaller extent): an optical + elevation pair on one grid."""
@@ -100,6 +117,44 @@ def _crop(src_path: Path, window: Window, out: Path) -> Path:
     with rasterio.open(out, "w", **profile) as dst:
         dst.write(data)
     return out
+
+
+@pytest.mark.slow  # its one-step fine-tuning fixture takes ~15-25 s
+def test_multilabel_probabilities_of_a_patch_equal_the_models_on_its_training_sample(ben_run, tmp_path):
+    """A BigEarthNet patch written as two GeoTIFFs (S2 bands stacked on the 10 m grid as the converter does, S1
+    VV + VH) is one tile of the training sample size: its probabilities are the task's on the stored sample."""
+    patch = "S2A_MSIL2A_20170613T101031_87_48"
+    s2_dir = REALDATA / "bigearthnet_mm_v1" / "BigEarthNet-S2-Example" / patch
+    s1_dir = REALDATA / "bigearthnet_mm_v1" / "BigEarthNet-S1-Example" / "S1A_IW_GRDH_1SDV_20170613T165043_33UUP_87_48"
+    with rasterio.open(s2_dir / f"{patch}_B02.tif") as ref:
+        s2 = np.stack([read_band_on_10m_grid(s2_dir / f"{patch}_{band}.tif", ref) for band in get_sensor("s2").bands])
+        profile = {**ref.profile, "count": 12}
+    with rasterio.open(tmp_path / "s2.tif", "w", **profile) as dst:
+        dst.write(s2)
+    sar = np.stack([rasterio.open(next(s1_dir.glob(f"*_{pol}.tif"))).read(1) for pol in ("VV", "VH")])
+    with rasterio.open(tmp_path / "sar.tif", "w", **{**profile, "count": 2, "dtype": "float32"}) as dst:
+        dst.write(sar.astype(np.float32))
+    out = predict(model=ben_run, task="ben", inputs=[str(tmp_path / "sar.tif"), str(tmp_path / "s2.tif")],
+                  out=tmp_path / "p.tif", output="probabilities", progress=False)
+    with rasterio.open(out) as pred:
+        probs = pred.read()
+        assert pred.shape == (120, 120) and pred.count == 19 and pred.descriptions[0] == read_model_inputs(
+            ben_run).class_names[0]
+    np.testing.assert_allclose(probs, np.broadcast_to(probs[:, :1, :1], probs.shape), rtol=1e-6)  # one answer
+    cfg = load_finetune_config(ben_run / "config.yaml", ["transfer.init=random"])
+    inputs = read_model_inputs(ben_run)
+    dataset = TaskDataset(sorted((ben_run.parent / "shards").glob("*.h5")), cfg.task, inputs.stats, train=False,
+                          resize=64)
+    sample = dataset[next(i for i, sid in enumerate(dataset.all_ids) if patch in sid)]
+    task = new_model(cfg, encoder_config(cfg, None))
+    task.load_state_dict(torch.load(ben_run / "best" / "model.pt", weights_only=True))
+    with torch.no_grad():
+        expected = task.eval().output({s: x[None] for s, x in sample["images"].items()}).sigmoid()[0].numpy()
+    np.testing.assert_allclose(probs[:, 0, 0], expected, atol=2e-5)
+    classes = predict(model=ben_run, task="ben", inputs=[str(tmp_path / "sar.tif"), str(tmp_path / "s2.tif")],
+                      out=tmp_path / "c.tif", progress=False)
+    with rasterio.open(classes) as pred:
+        assert pred.dtypes[0] == "uint8" and np.array_equal(pred.read()[:, 0, 0], (expected >= 0.5).astype(np.uint8))
 
 
 def test_fine_tuning_records_the_model_inputs(seg_run):
@@ -152,8 +207,9 @@ def test_probabilities_of_one_tile_equal_the_models_forward(seg_run, landsat, tm
     rgb, dem = landsat
     window = Window(110, 120, TILE, TILE)  # columns, rows: inside the DEM's extent, no nodata (255) in the RGB
     rgb_tile, dem_tile = _crop(rgb, window, tmp_path / "rgb.tif"), _crop(dem, window, tmp_path / "dem.tif")
-    out = predict(model=seg_run, task="vaihingen", inputs=[f"dsm={dem_tile}", f"rgb={rgb_tile}"],
-                  out=tmp_path / "p.tif", output="probabilities", progress=False)
+    out = tmp_path / "p.tif"  # through the command line, inputs named and out of order
+    assert msgfm_main(["predict", "--model", str(seg_run), "--task", "vaihingen", "--input", f"dsm={dem_tile}",
+                       "--input", f"rgb={rgb_tile}", "--output", "probabilities", "-o", str(out), "--quiet"]) == 0
     with rasterio.open(out) as pred:
         probs = pred.read()
         assert pred.descriptions[:2] == ("impervious_surfaces", "building")
@@ -232,6 +288,7 @@ def test_window_weight_is_positive_and_ramps_over_the_overlap():
     assert torch.equal(window_weight(TILE, 0.0), torch.ones(TILE, TILE))
 
 
+@pytest.mark.slow  # its one-step fine-tuning fixture takes ~15-25 s
 def test_pansharpening_real_pair_on_the_pan_grid(pansharpen_run, tmp_path):
     folder = REALDATA / "spacenet6_rotterdam"
     pan = _crop(folder / "pan1.tif", Window(0, 0, 192, 160), tmp_path / "pan.tif")
