@@ -334,9 +334,19 @@ def test_user_errors_are_one_line(seg_run, pansharpen_run, landsat, tmp_path, ca
         dst.write(data)
     assert "is in CRS EPSG:32613" in _cli_error(capsys, *seg, "--input", str(rgb), "--input", str(other_crs), *out)
     assert "no such file" in _cli_error(capsys, *seg, "--input", str(rgb), "--input", str(tmp_path / "no.tif"), *out)
+    no_crs = tmp_path / "rgb_no_crs.tif"
+    with rasterio.open(rgb) as src:
+        profile, data = {**src.profile, "crs": None}, src.read()
+    with rasterio.open(no_crs, "w", **profile) as dst:
+        dst.write(data)
+    assert "has no CRS" in _cli_error(capsys, *seg, "--input", str(no_crs), "--input", str(dem), *out)
     assert "was fine-tuned for task 'vaihingen'" in _cli_error(capsys, "--model", str(seg_run), "--task", "ben",
                                                                "--input", str(rgb), *out)
     assert "give one --input per sensor" in _cli_error(capsys, *seg, "--input", str(rgb), *out)
+    pretraining = write_pretraining_checkpoint(tmp_path / "pretraining")
+    (pretraining / "config.yaml").write_text("name: demo\n")
+    assert "not a fine-tuning run folder" in _cli_error(capsys, "--model", str(pretraining), "--task", "vaihingen",
+                                                        "--input", str(rgb), "--input", str(dem), *out)
     assert "no such folder" in _cli_error(capsys, "--model", str(tmp_path / "none"), "--task", "ben", "--input",
                                           str(rgb), *out)
     pan = REALDATA / "spacenet6_rotterdam" / "pan1.tif"

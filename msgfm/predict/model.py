@@ -55,8 +55,11 @@ def load_finetune_run(path: Path, device: torch.device) -> PredictionModel:
     if not (run_dir / "config.yaml").is_file():
         raise MissingFileError(f"--model {path}: no config.yaml in {run_dir}; give a fine-tuning run folder "
                                f"(launchers/finetune.py --output-dir)")
-    cfg = load_finetune_config(run_dir / "config.yaml")
+    if path.is_dir() and not (run_dir / "best" / "model.pt").is_file():
+        raise MissingFileError(f"--model {path}: no best/model.pt: not a fine-tuning run folder, or one that never "
+                               f"finished an epoch (a pretraining run needs fine-tuning first: launchers/finetune.py)")
     inputs = read_model_inputs(run_dir)
+    cfg = load_finetune_config(run_dir / "config.yaml")
     cfg.transfer.init = "random"  # the weights come from the run, not from a pretraining checkpoint
     cfg.transfer.freeze_encoder = False
     if cfg.model.moe.enabled and not dist.is_initialized():
