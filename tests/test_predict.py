@@ -13,6 +13,7 @@ import pytest
 import rasterio
 import torch
 import torch.nn.functional as F
+from fixtures.make_sen12mscr import write_sen12mscr
 from fixtures.make_vaihingen import write_vaihingen
 from rasterio.warp import Resampling, reproject
 from rasterio.windows import Window
@@ -90,6 +91,18 @@ def ben_run(single_rank_dist, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def cloud_run(single_rank_dist, tmp_path_factory) -> Path:
+    """ft_sen12mscr_tiny (sar + s2 -> cloud-free s2) after one step on the SEN12MS-CR-layout fixture (no real
+    SEN12MS-CR sample may be redistributed); its raw GeoTIFFs stay beside the run for prediction."""
+    root = tmp_path_factory.mktemp("cloud")
+    write_sen12mscr(root / "raw", size=64)
+    assert convert(["sen12mscr", str(root / "raw"), "-o", str(root / "shards"), "--workers", "1"]) == 0
+    write_stats(sorted((root / "shards").glob("*.h5")), progress=False)
+    return _one_step("ft_sen12mscr_tiny", root / "shards", root / "run", write_pretraining_checkpoint(root / "pre"),
+                     "tracking.enabled=false")
+
+
+@pytest.fixture(scope="module")
 def landsat(tmp_path_factory) -> tuple[Path, Path]:
     """The real Landsat RGB (373 x 485, nodata 255) and the real DEM resampled onto its grid (float32 metres,
     NaN outside the DEM's smaller extent): an optical + elevation pair on one grid."""
@@ -155,6 +168,33 @@ def test_multilabel_probabilities_of_a_patch_equal_the_models_on_its_training_sa
                       out=tmp_path / "c.tif", progress=False)
     with rasterio.open(classes) as pred:
         assert pred.dtypes[0] == "uint8" and np.array_equal(pred.read()[:, 0, 0], (expected >= 0.5).astype(np.uint8))
+
+
+@pytest.mark.slow  # its one-step fine-tuning fixture takes ~15-25 s
+def test_cloud_removal_of_a_patch_equals_the_models_evaluation_output(cloud_run, tmp_path):
+    """The raw cloudy S2 (13 L1C bands; the model reads 12, named by --band-order) and S1 GeoTIFFs of one patch:
+    the restored bands are what the task's evaluation (``predict``, the metrics' path) gives for the stored
+    sample, in physical units, on the input's grid."""
+    raw, name = cloud_run.parent / "raw", "ROIs1158_spring"
+    s1 = raw / f"{name}_s1" / "s1_1" / f"{name}_s1_1_p30.tif"
+    cloudy = raw / f"{name}_s2_cloudy" / "s2_cloudy_1" / f"{name}_s2_cloudy_1_p30.tif"
+    l1c = "B01,B02,B03,B04,B05,B06,B07,B08,B8A,B09,B10,B11,B12"
+    out = predict(model=cloud_run, task="sen12mscr", inputs=[str(s1), str(cloudy)], out=tmp_path / "clear.tif",
+                  band_orders=[f"s2={l1c}"], progress=False)
+    with rasterio.open(s1) as src, rasterio.open(out) as pred:
+        assert pred.crs == src.crs and pred.transform == src.transform and pred.shape == src.shape
+        assert pred.descriptions == get_sensor("s2").bands and pred.dtypes[0] == "float32"
+        restored = pred.read()
+    cfg = load_finetune_config(cloud_run / "config.yaml", ["transfer.init=random"])
+    inputs = read_model_inputs(cloud_run)
+    dataset = TaskDataset(sorted((cloud_run.parent / "shards").glob("*.h5")), cfg.task, inputs.stats, train=False)
+    sample = dataset[dataset.all_ids.index(f"{name}_1_p30")]
+    task = new_model(cfg, encoder_config(cfg, None), inputs.stats)
+    task.load_state_dict(torch.load(cloud_run / "best" / "model.pt", weights_only=True))
+    batch = {"images": {s: x[None] for s, x in sample["images"].items()}}
+    expected = task.eval().predict(batch, torch.device("cpu"), None)[0].numpy()
+    assert 0 <= restored.min() and restored.max() <= 1  # reflectance, clipped to task.clip_range
+    np.testing.assert_allclose(restored, expected, atol=1e-5)
 
 
 def test_fine_tuning_records_the_model_inputs(seg_run):
