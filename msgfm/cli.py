@@ -23,6 +23,7 @@ COMMANDS = {
     "verify": "msgfm.runfolder.verify",
     "track-sync": "msgfm.runfolder.track_sync",
     "export": "msgfm.export",
+    "predict": "msgfm.predict",
 }
 
 

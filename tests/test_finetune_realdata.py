@@ -64,13 +64,16 @@ def test_ben_finetune_mlflow_resume_and_eval_only(single_rank_dist, ben_shards, 
 
     from mlflow import MlflowClient
 
+    from msgfm.train.tracking import run_artifacts
+
     client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve()}/mlflow.db")
     run_id = (out / "mlflow_run_id").read_text().strip()
     history = client.get_metric_history(run_id, "val/mAP_micro")
     assert len(history) == 6
-    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    repository = run_artifacts(client, out, run_id)  # locations relative to the run folder
+    artifacts = {a.path for a in repository.list_artifacts()}
     assert {"best", "tables", "config"} <= artifacts
-    assert [a.path for a in client.list_artifacts(run_id, "best")] == ["best/metrics.json", "best/model.pt"]
+    assert [a.path for a in repository.list_artifacts("best")] == ["best/metrics.json", "best/model.pt"]
 
     # auto-resume: two more epochs continue from the last checkpoint (epoch 6, step 6)
     assert finetune("ft_ben_tiny", ["schedule.epochs=8", "train.log_interval=1"], "ds_configs/cpu.json", **args) == 0

@@ -141,6 +141,8 @@ def test_per_group_lrs_are_the_scheduled_ones(runs):
 def test_mlflow_run_contents(runs):
     from mlflow import MlflowClient
 
+    from msgfm.train.tracking import run_artifacts
+
     out = runs["a"]
     client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
     run = client.get_run((out / "mlflow_run_id").read_text().strip())
@@ -162,10 +164,13 @@ def test_mlflow_run_contents(runs):
     assert {"train/sen12ms/recon_cross/s2", "train/sen12ms/recon_self/s2", "train/mdas/recon_cross/dsm"} <= set(metrics)
     assert any(k.startswith("val/mdas/recon_self/") or k.startswith("val/mdas/recon_cross/") for k in metrics)
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 12
-    figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
+    artifacts = run_artifacts(client, out, run.info.run_id)  # locations relative to the run folder
+    figures = [a.path for a in artifacts.list_artifacts("figures")]
     assert "figures/recon_sen12ms_step00000006.png" in figures and len(figures) == 6
-    configs = [a.path for a in client.list_artifacts(run.info.run_id, "config")]
+    configs = [a.path for a in artifacts.list_artifacts("config")]
     assert "config/config.yaml" in configs
+    datasets = {i.dataset.name for i in run.inputs.dataset_inputs}  # the shards of each group
+    assert datasets == {"rgb", "sen12ms", "mdas"}
     assert run.info.status == "FINISHED"
 
 

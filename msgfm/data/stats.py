@@ -96,6 +96,26 @@ class Stats:
                             for n, s in self.sensors.items()},
                 "files": [asdict(f) for f in self.files]}
 
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], path: str | Path) -> Stats:
+        """The inverse of :meth:`to_dict` (statistics a checkpoint or a run folder recorded); ``path``
+        names where ``doc`` was read, for messages."""
+        try:
+            sensors = {n: SensorStats(name=n, bands=tuple(s["bands"]), mean=tuple(float(v) for v in s["mean"]),
+                                      std=tuple(float(v) for v in s["std"]),
+                                      valid_pixels=tuple(int(v) for v in s.get("valid_pixels", ())))
+                       for n, s in doc["sensors"].items()}
+            files = tuple(SourceFile(**f) for f in doc.get("files", []))
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{path}: the recorded statistics are incomplete ({err!r})") from None
+        for name, s in sensors.items():
+            if len(s.mean) != len(s.bands) or len(s.std) != len(s.bands) or min(s.std, default=1.0) <= 0:
+                raise UserError(f"{path}: recorded statistics of sensor '{name}' need one mean and one std > 0 "
+                                f"per band {list(s.bands)}")
+        return cls(path=Path(path), sensors=sensors, files=files, num_samples=int(doc.get("num_samples", 0)),
+                   max_samples=doc.get("max_samples"), seed=int(doc.get("seed", 0)),
+                   units=doc.get("units", "physical"))
+
     def source_changes(self, shard_paths: Sequence[str | Path]) -> list[str]:
         """How ``shard_paths`` differ from the files the statistics came from (empty: none)."""
         recorded = {f.path: f for f in self.files}

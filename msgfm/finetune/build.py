@@ -224,3 +224,20 @@ def build_finetune_model(cfg: FinetuneConfig, pretrained: str | Path | None = No
         frozen = sum(freeze(m) for m in model.encoder_modules())
         log.info("linear probing: %d encoder parameters frozen", frozen)
     return model, report
+
+
+def fine_tuned_run_dir(checkpoint: str | Path) -> Path:
+    """The run folder of a fine-tuned model given as its run folder or its ``<run>/best/model.pt``."""
+    path = Path(checkpoint)
+    return path if path.is_dir() else path.parent.parent
+
+
+def fine_tuned_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The task module's weights of a fine-tuning run folder (its ``best/model.pt``), a weights file, or
+    one of its DeepSpeed checkpoint folders."""
+    path = Path(checkpoint)
+    if path.is_dir() and (path / "best" / "model.pt").is_file():
+        path = path / "best" / "model.pt"
+    if path.is_file():
+        return load_weights(path, "fine-tuned weights")  # data only: a file from elsewhere runs no code
+    return load_model_state_dict(path)  # a DeepSpeed checkpoint folder of a fine-tuning run

@@ -13,7 +13,10 @@ Output folder::
     best/model.pt, best/metrics.json   the best validation weights (consolidated state dict)
     train_ids_*.txt             the training subset (train fraction < 1)
     outputs/                    figures and per-class tables (also MLflow artifacts)
-    metrics.jsonl, mlflow.db    metrics per logging step and per epoch
+    config.yaml, model_inputs.json   the resolved config; what the model expects of its inputs (msgfm predict)
+    metrics.jsonl, mlflow.db    metrics per logging step and per epoch; MLflow also gets the shards of each
+                                split as datasets and the best weights as a logged model at the end
+    mlartifacts/                MLflow's artifacts, at locations relative to this folder
 """
 from __future__ import annotations
 
@@ -28,11 +31,19 @@ import deepspeed.comm as dist
 import torch
 
 from msgfm.config import FinetuneConfig, ModelConfig, load_finetune_config, read_yaml_tree, save_finetune_config
+from msgfm.data.format import read_shard_info
 from msgfm.data.stats import Stats
 from msgfm.errors import MissingFileError, UserError, check_output_folder
-from msgfm.finetune.build import build_finetune_model, refuse_dropped_model_overrides, resolve_encoder
+from msgfm.finetune.build import (
+    build_finetune_model,
+    fine_tuned_run_dir,
+    fine_tuned_state,
+    refuse_dropped_model_overrides,
+    resolve_encoder,
+)
 from msgfm.finetune.data import CheckedBatches, EpochBatches, TaskDataset, make_loader, split_paths, task_stats
 from msgfm.finetune.evaluate import evaluate, summary_line, write_outputs
+from msgfm.finetune.inputs import INPUTS_FILE, ModelInputs, model_inputs, write_model_inputs
 from msgfm.finetune.options import param_groups, scaled_rates, select_train_fraction
 from msgfm.finetune.transfer import TransferReport
 from msgfm.tasks.downstream import DownstreamTask
@@ -43,9 +54,8 @@ from msgfm.train.config_guard import guard_resume, note_changes
 from msgfm.train.engine import build_engine, total_steps
 from msgfm.train.optim import optimizer_class
 from msgfm.train.runtime import device_name, git_commit, init_process_group, seed_everything
-from msgfm.train.safe_load import load_weights
 from msgfm.train.schedule import LRSchedule
-from msgfm.train.tracking import Tracker
+from msgfm.train.tracking import ShardSet, Tracker
 from msgfm.train.trainer import Trainer, TrainerSettings
 
 # The metric that picks the best epoch, per task kind, and whether larger is better.
@@ -103,7 +113,10 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
                                evaluate_at_end=True,
                                keep_last=train.keep_last, max_nonfinite_steps=train.max_nonfinite_steps)
     tracker = Tracker(cfg.tracking, out, active=rank == 0 and cfg.tracking.enabled)
-    class_names = _class_names(split_paths(cfg, root, "train")[0], cfg)
+    first_shard = split_paths(cfg, root, "train")[0]
+    class_names = _class_names(first_shard, cfg)
+    inputs = model_inputs(cfg.task.name, cfg.task.sensors, read_shard_info(first_shard, check_data=False), stats,
+                          class_names)
     evaluator = BestOnValidation(cfg, val_set, out, class_names)
     client_extra = {"config": cfg.to_dict(), "stats": stats.to_dict(), "kind": "finetune"}
     trainer = Trainer(engine, train_batches, base_lrs={cfg.task.name: rates.lr}, schedule=schedule,
@@ -112,19 +125,21 @@ def finetune(config: str, overrides: Sequence[str], ds_config_path: str, *, task
     if latest is not None:
         trainer.resume(latest)
     if rank == 0:
-        _start_tracking(trainer, cfg, ds_config, report, opt_name, len(train_batches.dataset),
-                        resumed=latest is not None)
+        _start_tracking(trainer, cfg, ds_config, report, inputs, opt_name, len(train_batches.dataset),
+                        resumed=latest is not None, datasets=_shard_sets(cfg, root))
         if latest is not None:
             note_changes(tracker, trainer.step, latest, changes)
     try:
         trainer.fit()
         _final_test(trainer, cfg, stats, root, class_names)
+        if rank == 0:
+            _log_model(tracker, cfg, out, trainer.step)
     finally:
         tracker.close()
     if rank == 0:
         metric_name = BEST_METRIC[cfg.task.kind][0]
         print(f"\nDone. best val {metric_name} = {evaluator.best} (epoch {evaluator.best_epoch}); weights: "
-              f"{out / 'best' / 'model.pt'}; MLflow: mlflow ui --backend-store-uri {tracker.uri}", flush=True)
+              f"{out / 'best' / 'model.pt'}; MLflow: {tracker.ui_command()}", flush=True)
     return 0
 
 
@@ -252,7 +267,7 @@ def _fine_tuned_model_config(checkpoint: str | Path, default: ModelConfig) -> Mo
     """The encoder config a fine-tuning run recorded in its config.yaml (the checkpoint's architecture);
     a pretraining run is refused in one line."""
     path = Path(checkpoint)
-    run_dir = path if path.is_dir() else path.parent.parent  # <run>/best/model.pt -> <run>
+    run_dir = fine_tuned_run_dir(checkpoint)
     if (run_dir / "config.yaml").is_file():
         if "task" not in read_yaml_tree(run_dir / "config.yaml"):
             raise _not_fine_tuned(checkpoint)
@@ -264,15 +279,6 @@ def _fine_tuned_model_config(checkpoint: str | Path, default: ModelConfig) -> Mo
     print(f"--eval-only: no config.yaml in {run_dir}; building the encoder from the task config's model section",
           flush=True)
     return default
-
-
-def _fine_tuned_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(checkpoint)
-    if path.is_dir() and (path / "best" / "model.pt").is_file():
-        path = path / "best" / "model.pt"
-    if path.is_file():
-        return load_weights(path, "fine-tuned weights")  # data only: a file from elsewhere runs no code
-    return ckpt.load_model_state_dict(path)  # a DeepSpeed checkpoint folder of a fine-tuning run
 
 
 def _log_outputs(tracker: Tracker, task: DownstreamTask, result: dict[str, Any], figures: dict[str, Any],
@@ -308,7 +314,7 @@ def _evaluate_only(cfg: FinetuneConfig, checkpoint: str | None, stats: Stats, ro
     cfg.model = _fine_tuned_model_config(checkpoint, cfg.model)
     refuse_dropped_model_overrides(overrides, cfg.model, f"the fine-tuned run {checkpoint}")
     task, _ = build_finetune_model(cfg, None, stats)
-    task.load_state_dict(_fine_tuned_state(checkpoint))
+    task.load_state_dict(fine_tuned_state(checkpoint))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     task.to(device).eval()
     resize = _resize(cfg, task)
@@ -333,14 +339,36 @@ def _evaluate_only(cfg: FinetuneConfig, checkpoint: str | None, stats: Stats, ro
     return 0
 
 
+def _shard_sets(cfg: FinetuneConfig, root: Path) -> list[ShardSet]:
+    """The shards of each split, for MLflow's dataset inputs."""
+    contexts = {"train": "training", "val": "validation", "test": "test"}
+    return [ShardSet(name=f"{cfg.task.name}-{split}", context=context,
+                     shards=tuple(read_shard_info(p, check_data=False) for p in paths))
+            for split, context in contexts.items() if (paths := split_paths(cfg, root, split))]
+
+
+def _log_model(tracker: Tracker, cfg: FinetuneConfig, out: Path, step: int) -> None:
+    """The best weights as an MLflow logged model, laid out as a run folder (config.yaml, model_inputs.json,
+    best/): its artifact folder is itself a model `msgfm predict --model` takes."""
+    best = out / "best"
+    if not (best / "model.pt").is_file():
+        return
+    files = [("", out / "config.yaml"), ("", out / INPUTS_FILE), ("best", best / "model.pt"),
+             ("best", best / "metrics.json")]
+    tracker.log_model(cfg.name, files, params={"config": cfg.to_dict()}, model_type="msgfm-finetuned", step=step)
+
+
 def _start_tracking(trainer: Trainer, cfg: FinetuneConfig, ds_config: dict[str, Any], report: TransferReport | None,
-                    opt_name: str, num_train: int, resumed: bool) -> None:
-    """Rank 0: the resolved configs and the transfer report beside the run; open (or reopen) the MLflow run."""
+                    inputs: ModelInputs, opt_name: str, num_train: int, resumed: bool,
+                    datasets: list[ShardSet]) -> None:
+    """Rank 0: the resolved configs, the model's inputs (units, statistics; what `msgfm predict` reads) and the
+    transfer report beside the run; open (or reopen) the MLflow run."""
     out = trainer.output_dir
     out.mkdir(parents=True, exist_ok=True)
     save_finetune_config(cfg, out / "config.yaml")
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-    artifacts = {"config": out / "config.yaml", "config/ds": out / "ds_config.json"}
+    artifacts = {"config": out / "config.yaml", "config/ds": out / "ds_config.json",
+                 "config/inputs": write_model_inputs(inputs, out)}
     if report is not None:
         (out / "transfer.txt").write_text(report.summary() + "\n\nloaded:\n" + "\n".join(report.loaded) +
                                           "\n\nnew:\n" + "\n".join(report.missing) + "\n\nunused:\n" +
@@ -355,7 +383,7 @@ def _start_tracking(trainer: Trainer, cfg: FinetuneConfig, ds_config: dict[str, 
                              "lr": trainer.base_lrs[cfg.task.name]}},
                          tags={"git_commit": git_commit(), "world_size": str(trainer.world_size),
                                "task": cfg.task.name, "devices": device_name()},
-                         artifacts=artifacts)
+                         artifacts=artifacts, datasets=datasets)
     print(f"msgfm fine-tuning: {cfg.name}, task {cfg.task.name} ({cfg.task.kind}), sensors {cfg.task.sensors}, "
           f"method {cfg.transfer.method}, {num_train} training samples, {steps_per_epoch} steps/epoch, "
           f"{trainer.total_steps} steps, {trainer.world_size} rank(s)", flush=True)

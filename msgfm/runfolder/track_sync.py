@@ -103,14 +103,17 @@ def _send_metrics(client: Any, run_id: str, run_dir: Path) -> tuple[int, int]:
 
 
 def _send_files(client: Any, run_id: str, run_dir: Path) -> int:
+    from msgfm.train.tracking import run_artifacts
+
+    repository = run_artifacts(client, run_dir, run_id)  # relative locations resolve in the run folder
     listed: dict[str, set[str]] = {}
     sent = 0
     for pattern, artifact_path in ARTIFACTS:
         for path in sorted(run_dir.glob(pattern)):
             if artifact_path not in listed:
-                listed[artifact_path] = {Path(a.path).name for a in client.list_artifacts(run_id, artifact_path)}
+                listed[artifact_path] = {Path(a.path).name for a in repository.list_artifacts(artifact_path)}
             if path.is_file() and path.name not in listed[artifact_path]:
-                client.log_artifact(run_id, str(path), artifact_path)
+                repository.log_artifact(str(path), artifact_path)
                 listed[artifact_path].add(path.name)
                 sent += 1
     return sent

@@ -115,6 +115,13 @@ class DownstreamTask(Task):
         image = torch.cat([images[s] for s in self.sensors], dim=1)
         return self.head(features, image, base_BCHW)
 
+    def scene_output(self, images: dict[str, Tensor]) -> Tensor:
+        """``output`` for normalized tiles of a scene (``msgfm predict``): restoration's residual base is the
+        target sensor's bands as given, never degraded (Wald's protocol is for scoring at reduced resolution;
+        a scene is restored at its own resolution)."""
+        base = images.get(self.cfg.target_sensor) if self.kind == "restoration" else None
+        return self.output(images, base)
+
     def encoder_modules(self) -> list[nn.Module]:
         """What linear probing freezes: the embedding(s) and the encoder."""
         return [self.backbone]

@@ -31,7 +31,7 @@ from msgfm.train.evaluation import HeldOutLoss
 from msgfm.train.optim import build_optimizer
 from msgfm.train.runtime import device_name, git_commit, init_process_group, seed_everything
 from msgfm.train.schedule import LRSchedule
-from msgfm.train.tracking import Tracker
+from msgfm.train.tracking import ShardSet, Tracker
 from msgfm.train.trainer import Trainer, TrainerSettings
 from msgfm.train.validate import resolve_data_root, startup_checks
 
@@ -129,7 +129,9 @@ def start_tracking(trainer: Trainer, cfg: RunConfig, plan: DataPlan, resumed: bo
         tags={"git_commit": git_commit(), "world_size": str(trainer.world_size), "devices": device_name(),
               "host": socket.gethostname(), "precision": dsc.precision(ds_config)},
         artifacts={"config": out / "config.yaml", "config/ds": out / "ds_config.json",
-                   "config/stats": out / "stats.json"})
+                   "config/stats": out / "stats.json"},
+        datasets=[ShardSet(name=name, context="training", shards=tuple(summary.shards))
+                  for name, summary in plan.summaries.items()])
     print(f"msgfm pretraining: {cfg.name}, {trainer.world_size} rank(s), {dsc.precision(ds_config)}, ZeRO-"
           f"{dsc.zero_stage(ds_config)}, groups {plan.batch_sizes} per GPU, LRs {trainer.base_lrs}, "
           f"{steps_per_epoch} steps/epoch, {trainer.total_steps} steps", flush=True)
@@ -153,6 +155,6 @@ def _print_where(out: Path, tracker: Tracker) -> None:
     print(f"  metrics:     {out / 'metrics.jsonl'}", flush=True)
     if tracker.uri.startswith("sqlite"):
         print(f"  MLflow run:  {tracker.run_id} in {tracker.uri}\n"
-              f"  open it:     mlflow ui --backend-store-uri {tracker.uri}   (then http://127.0.0.1:5000)", flush=True)
+              f"  open it:     {tracker.ui_command()}   (then http://127.0.0.1:5000)", flush=True)
     else:
         print(f"  MLflow run:  {tracker.run_id} at {tracker.uri}", flush=True)

@@ -18,21 +18,38 @@ run is not sent the steps it already holds.
 Where the run goes: ``MLFLOW_TRACKING_URI`` when set, else
 ``tracking.tracking_uri``, else a local SQLite store ``<output>/mlflow.db``
 with artifacts in ``<output>/mlartifacts`` (no server; MLflow 3 deprecates the
-plain file store). Open it with ``mlflow ui --backend-store-uri sqlite:///<output>/mlflow.db``.
+plain file store). In that store of the run folder's own, artifact locations are
+relative to the folder: ``mlflow-artifacts:/<experiment>/...``, the URIs MLflow's
+server resolves against its ``--artifacts-destination`` (here ``<output>/mlartifacts``,
+written directly through MLflow's local artifact repository, no server needed), so a
+moved or copied run folder keeps its artifacts. Open it with
+``mlflow ui --backend-store-uri sqlite:///<output>/mlflow.db --artifacts-destination <output>/mlartifacts``
+(:meth:`Tracker.ui_command`).
+
+Besides params, metrics and files, a run records what it read and what it made: the
+shards of each data group or split as MLflow datasets (``log_inputs``: name, a digest of
+the files, the folder, a schema of the sensors' arrays, the samples), and a fine-tuning
+run its best model as an MLflow logged model (:meth:`Tracker.log_model`) with its config.
+A failure there is reported in one line and leaves the rest of the tracking running.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlparse
 
 from msgfm.config import TrackingConfig
+from msgfm.data.format import ShardInfo
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +76,89 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def tracking_uri(cfg: TrackingConfig, output_dir: Path) -> str:
     """Where the run goes: MLFLOW_TRACKING_URI, else tracking.tracking_uri, else the run folder's SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or f"sqlite:///{output_dir.resolve()}/mlflow.db"
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri or run_folder_store(output_dir)
+
+
+def run_folder_store(output_dir: Path) -> str:
+    """The SQLite store of the run folder's own: ``<output>/mlflow.db``."""
+    return f"sqlite:///{output_dir.resolve()}/mlflow.db"
+
+
+ARTIFACTS_DIR = "mlartifacts"  # in the run folder: what MLflow's server calls the artifacts destination
+RELATIVE_SCHEME = "mlflow-artifacts"
+
+
+def experiment_artifact_location(uri: str, output_dir: Path, experiment: str) -> str | None:
+    """Where a new experiment keeps artifacts: in the run folder's own store a location relative to
+    ``<output>/mlartifacts`` (see the module docstring); in another SQLite store the run folder's
+    ``mlartifacts`` (absolute); a server decides for itself (None)."""
+    if uri == run_folder_store(output_dir):
+        return f"{RELATIVE_SCHEME}:/{re.sub(r'[^A-Za-z0-9_.-]', '_', experiment)}"
+    if uri.startswith("sqlite"):
+        return (output_dir / ARTIFACTS_DIR).resolve().as_uri()
+    return None
+
+
+def local_artifact_dir(output_dir: Path, artifact_uri: str) -> Path | None:
+    """The folder under ``<output>/mlartifacts`` of a relative (``mlflow-artifacts:/...``) artifact location of
+    a run or a logged model; None for any other location (MLflow resolves those itself)."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme != RELATIVE_SCHEME:
+        return None
+    return output_dir / ARTIFACTS_DIR / parsed.path.lstrip("/")
+
+
+def artifact_repository(output_dir: Path, artifact_uri: str) -> Any:
+    """MLflow's artifact repository of a run's or logged model's location, relative locations resolved in the
+    run folder ``output_dir`` (wherever it lies now)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    local = local_artifact_dir(output_dir, artifact_uri)
+    return get_artifact_repository(artifact_uri) if local is None else LocalArtifactRepository(str(local))
+
+
+def run_artifacts(client: Any, output_dir: Path, run_id: str) -> Any:
+    """The artifact repository of an MLflow run of the run folder ``output_dir``."""
+    return artifact_repository(output_dir, client.get_run(run_id).info.artifact_uri)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardSet:
+    """The shards a run read for one data group or split, logged as one MLflow dataset."""
+
+    name: str  # the data group (pretraining) or the task and split (fine-tuning)
+    context: str  # MLflow's dataset context: training / validation / test
+    shards: tuple[ShardInfo, ...]
+
+
+def shard_dataset_input(shard_set: ShardSet) -> Any:
+    """An MLflow ``DatasetInput`` for a set of shards: the shards' folder as its source, a digest of the files
+    (names, sizes, modification times: a changed shard makes a new dataset version), the sensors' arrays
+    as its schema, and the sample and shard counts as input tags."""
+    import numpy as np
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+
+    paths = [info.path.resolve() for info in shard_set.shards]
+    folder = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        st = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    first = shard_set.shards[0]
+    schema = Schema([TensorSpec(np.dtype(s.dtype), (-1, *s.shape[1:]), name) for name, s in first.sensors.items()])
+    # MLflow registers its local-folder source twice (paths and file: URIs): name one, or it warns per dataset
+    local = [c for c in get_registered_sources() if getattr(c, "__name__", "") == "LocalArtifactDatasetSource"][:1]
+    source = resolve_dataset_source(folder.as_uri(), candidate_sources=local or None)
+    dataset = MetaDataset(source=source, name=shard_set.name,  # type: ignore[abstract]  # runs: MetaDataset has a profile
+                          digest=digest.hexdigest()[:16], schema=schema)
+    samples = sum(info.num_samples for info in shard_set.shards)
+    tags = [InputTag("mlflow.data.context", shard_set.context), InputTag("msgfm.samples", str(samples)),
+            InputTag("msgfm.shards", str(len(paths)))]
+    return DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)
 
 
 def is_http(uri: str) -> bool:
@@ -134,18 +233,20 @@ def create_run(client: Any, uri: str, output_dir: Path, experiment: str, run_nam
 
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        location = (output_dir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite") else None
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
+        experiment_id = client.create_experiment(
+            experiment, artifact_location=experiment_artifact_location(uri, output_dir, experiment))
     else:
         experiment_id = found.experiment_id
-    run_id: str = client.create_run(experiment_id, run_name=run_name).info.run_id
+    run = client.create_run(experiment_id, run_name=run_name)
+    run_id: str = run.info.run_id
     (output_dir / "mlflow_run_id").write_text(run_id)
     flat = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
     for i in range(0, len(flat), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run_id, params=flat[i:i + 100])
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    repository = artifact_repository(output_dir, run.info.artifact_uri)
     for artifact_path, path in artifacts.items():
-        client.log_artifact(run_id, str(path), artifact_path)
+        repository.log_artifact(str(path), artifact_path)
     return run_id
 
 
@@ -160,6 +261,7 @@ class Tracker:
         self.close_timeout_s = cfg.close_timeout_s
         self.run_id: str | None = None
         self.client: Any = None
+        self._artifacts: Any = None  # the run's artifact repository
         self._mlflow_ok = cfg.enabled
         self._logged_upto: dict[str, int] = {}  # per MLflow metric: the last step the reopened run holds
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -177,9 +279,17 @@ class Tracker:
 
     # -- called from the training loop (cheap) --------------------------------------------
 
+    def ui_command(self) -> str:
+        """How to look at the run: the MLflow UI on its store (and the run folder's artifacts)."""
+        if is_http(self.uri):
+            return self.uri
+        return (f"mlflow ui --backend-store-uri {self.uri} --artifacts-destination "
+                f"{self.output_dir.resolve() / ARTIFACTS_DIR}")
+
     def open(self, run_name: str, params: dict[str, Any], tags: dict[str, str], artifacts: dict[str, Path],
-             resumed: bool, resume_step: int = 0) -> None:
-        """Open the run and record params, tags and files; a resumed run reopens the run its folder names.
+             resumed: bool, resume_step: int = 0, datasets: Sequence[ShardSet] = ()) -> None:
+        """Open the run and record params, tags, files and the shards it reads (``datasets``); a resumed run
+        reopens the run its folder names.
 
         ``resume_step``: the step training goes on from (0 for a fresh start in a folder that may hold
         rows of a run killed before its first checkpoint); metrics.jsonl rows after it are dropped, since
@@ -194,6 +304,17 @@ class Tracker:
             truncate_metrics(self._metrics_path, resume_step)
             self._metrics_file = open(self._metrics_path, "a", encoding="utf-8")
         self._queue.put(lambda: self._start(run_name, params, tags, artifacts, run_id))
+        if datasets and self._mlflow_ok:
+            self._queue.put(lambda: self._optional("log the datasets", lambda: self._log_datasets(datasets)))
+
+    def log_model(self, name: str, files: Sequence[tuple[str, Path]], params: dict[str, Any], model_type: str,
+                  step: int) -> None:
+        """Record a model as an MLflow logged model of this run: ``files`` ((artifact folder, "" for the top;
+        file), e.g. weights and config), ``params`` (flattened) and the run's step; the files are read on the
+        tracking thread."""
+        if self.active and self._mlflow_ok:
+            self._queue.put(lambda: self._optional(
+                f"log the model '{name}'", lambda: self._log_model(name, files, params, model_type, step)))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Append one row to metrics.jsonl and queue it for MLflow."""
@@ -303,6 +424,40 @@ class Tracker:
         self.run_id = create_run(self.client, self.uri, self.output_dir, self.experiment, run_name, params, tags,
                                  artifacts)
 
+    def _optional(self, what: str, action: Callable[[], None]) -> None:
+        """A record the run can do without (datasets, models): a failure is one line, metrics go on."""
+        if not self._mlflow_ok or self.run_id is None:
+            return
+        try:
+            action()
+        except Exception as err:
+            first_line = (str(err).splitlines() or [""])[0]
+            print(f"msgfm: MLflow at {self.uri}: could not {what} ({type(err).__name__}: {first_line}); "
+                  f"tracking goes on", flush=True)
+
+    def _log_datasets(self, datasets: Sequence[ShardSet]) -> None:
+        assert self.run_id is not None
+        self.client.log_inputs(self.run_id, datasets=[shard_dataset_input(d) for d in datasets if d.shards])
+
+    def _log_model(self, name: str, files: Sequence[tuple[str, Path]], params: dict[str, Any], model_type: str,
+                   step: int) -> None:
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        assert self.run_id is not None
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        flat = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(params).items()}
+        model = self.client.create_logged_model(experiment_id, name=name, source_run_id=self.run_id, params=flat,
+                                                model_type=model_type)
+        try:
+            repository = artifact_repository(self.output_dir, model.artifact_location)
+            for folder, path in files:
+                repository.log_artifact(str(path), folder or None)
+        except Exception:
+            self.client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id=model.model_id, step=step)])
+
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self._mlflow_ok or self.run_id is None:
             return
@@ -332,7 +487,9 @@ class Tracker:
     def _log_artifact(self, make_file: Callable[[], Path], artifact_path: str) -> None:
         path = make_file()
         if self._mlflow_ok and self.run_id is not None:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            if self._artifacts is None:
+                self._artifacts = run_artifacts(self.client, self.output_dir, self.run_id)
+            self._artifacts.log_artifact(str(path), artifact_path)
 
     def _finish(self) -> None:
         if self._mlflow_ok and self.run_id is not None:
