@@ -3,7 +3,7 @@
 Names (architectures from the shipped configs, msgfm/configs):
 
 - ``msgfm_swinb_192``: the paper's Swin-B/192 with 8 top-1 experts in every other block of stage 3
-- ``msgfm_swinb_192_dense``: the same without experts (``msgfm_swinb_192_nomoe``)
+- ``msgfm_swinb_192_dense``: the same without experts (``msgfm_swinb_192_dense_cross50``, Table 6)
 - ``msgfm_tiny``: the tiny CPU model (``demo_cpu``), for tests
 - ``msgfm_swin``: whatever architecture the export file's config.json describes
 
@@ -30,7 +30,7 @@ from msgfm.backbone.model import MsGFMSwin, normalization, pick_sensors, read_co
 from msgfm.errors import UserError
 
 # timm name -> the msgfm config its architecture comes from (one place for the Swin-B numbers: msgfm/configs)
-VARIANTS = {"msgfm_swinb_192": "msgfm_swinb_192", "msgfm_swinb_192_dense": "msgfm_swinb_192_nomoe",
+VARIANTS = {"msgfm_swinb_192": "msgfm_swinb_192", "msgfm_swinb_192_dense": "msgfm_swinb_192_dense_cross50",
             "msgfm_tiny": "demo_cpu", "msgfm_swin": None}
 _SHAPE_KEYS = ("patch_size", "embed_dim", "depths", "num_heads", "mlp_ratio", "qkv_bias")
 
