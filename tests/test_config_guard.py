@@ -24,6 +24,7 @@ from msgfm.train.config_guard import (
     diff_configs,
     guard_resume,
 )
+from msgfm.train.tracking import run_artifacts
 
 
 def _diff(*overrides: str, base: tuple[str, ...] = ()) -> dict[str, Change]:
@@ -153,8 +154,8 @@ def test_relaunch_with_a_changed_config_is_refused_then_resumed_and_recorded_wit
     assert run.data.params["config.data.groups"].count("0.003") == 1  # the original params stay as they were
     assert "data.groups.rgb.lr: 0.003 -> 0.03" in run.data.tags["config_change.step00000002"]
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "config/changes")] == [(2, 2.0)]
-    assert {"config/config_changes.jsonl", "config/config.yaml"} <= {
-        a.path for a in client.list_artifacts(run.info.run_id, "config")}
+    assert {"config/config_changes.jsonl", "config/config.yaml"} <= {  # the run folder's own artifact store
+        a.path for a in run_artifacts(client, out, run.info.run_id).list_artifacts("config")}
 
 
 @pytest.mark.slow

@@ -482,14 +482,20 @@ class Tracker:
         for i in range(100, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
         for path in files:
-            self.client.log_artifact(self.run_id, str(path), "config")
+            self._upload(path, "config")
 
     def _log_artifact(self, make_file: Callable[[], Path], artifact_path: str) -> None:
         path = make_file()
         if self._mlflow_ok and self.run_id is not None:
-            if self._artifacts is None:
-                self._artifacts = run_artifacts(self.client, self.output_dir, self.run_id)
-            self._artifacts.log_artifact(str(path), artifact_path)
+            self._upload(path, artifact_path)
+
+    def _upload(self, path: Path, artifact_path: str) -> None:
+        """Every artifact goes through the run's repository (``run_artifacts``): the run folder's own store keeps
+        locations relative to the folder, which MLflow's client alone cannot write to."""
+        assert self.run_id is not None
+        if self._artifacts is None:
+            self._artifacts = run_artifacts(self.client, self.output_dir, self.run_id)
+        self._artifacts.log_artifact(str(path), artifact_path)
 
     def _finish(self) -> None:
         if self._mlflow_ok and self.run_id is not None:
