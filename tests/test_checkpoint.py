@@ -1,7 +1,6 @@
-"""Checkpoints in one process (1-rank gloo group): round trip, atomic publishing, NaN stop, joint mode."""
+"""Checkpoints in one process (1-rank gloo group): round trip, atomic publishing, NaN stop."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -34,11 +33,11 @@ def optimizer_tensors(engine) -> list[torch.Tensor]:
 
 @pytest.mark.slow
 def test_round_trip_restores_params_optimizer_and_data(tiny, single_rank_dist, tmp_path):
-    a = make_trainer(tiny, tmp_path, "train.max_steps=3")
+    a = make_trainer(tiny, tmp_path, "train.max_steps=3", "train.mode=per_group", "data.epoch=largest_group_once")
     a.fit()
     root = tmp_path / "checkpoints"
     assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step00000002", "step00000003"]
-    b = make_trainer(tiny, tmp_path, "train.max_steps=3")
+    b = make_trainer(tiny, tmp_path, "train.max_steps=3", "train.mode=per_group", "data.epoch=largest_group_once")
     before = {n: p.detach().clone() for n, p in b.engine.module.named_parameters()}
     b.resume(ckpt.find_latest(root))
     params_a = dict(a.engine.module.named_parameters())
@@ -64,17 +63,6 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, single_rank_d
     with pytest.raises(RuntimeError, match=r"NaN/Inf for the last 2 steps.*step00000002"):
         t.fit()
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000002"
-
-
-def test_joint_mode_takes_one_step_per_iteration(tiny, single_rank_dist, tmp_path):
-    t = make_trainer(tiny, tmp_path, "train.max_steps=2", "train.mode=joint", tracking=True)
-    t.fit()
-    t.tracker.close()
-    assert t.engine.global_steps == 2  # one optimizer step on the summed group losses
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    lrs = [r["lr/joint"] for r in rows if "lr/joint" in r]
-    assert lrs == [pytest.approx(t.base_lrs["rgb"] * t.schedule.factor(s)) for s in (0, 1)]
-    assert not any(k.startswith("lr/rgb") for r in rows for k in r)
 
 
 def test_find_latest_ignores_partial_saves(tmp_path):

@@ -70,7 +70,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     killed_after = None
     while time.time() < deadline and proc_b.poll() is None:
         latest = b / "checkpoints" / "latest"
-        if latest.is_file():
+        # also wait for B's MLflow run: a kill while MLflow creates its SQLite tables leaves a store MLflow
+        # cannot open again (a tracking gap of its own, not what these tests are about); with one optimizer
+        # step per iteration the first checkpoint can come before that on a loaded machine
+        if latest.is_file() and (b / "mlflow_run_id").is_file():
             pid = rank_pid(proc_b, 1)
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
@@ -91,8 +94,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 def test_ep2_zero2_trains_and_loss_falls(runs):
     loss = losses(runs["a"])
     assert sorted(loss) == list(range(1, 13))
-    first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (10, 11, 12)) / 3
-    assert last < first, f"loss did not fall: {loss}"
+    # a step holds the groups due in it (rgb every other step): compare each group's own first and last losses
+    rows = [json.loads(line) for line in (runs["a"] / "metrics.jsonl").read_text().splitlines()]
+    per_group = {g: [r[f"train/{g}/loss"] for r in rows if f"train/{g}/loss" in r] for g in ("rgb", "sen12ms", "mdas")}
+    assert [len(v) for v in per_group.values()] == [6, 12, 12]
+    first = sum(sum(v[:3]) / 3 for v in per_group.values())
+    last = sum(sum(v[-3:]) / 3 for v in per_group.values())
+    assert last < first, f"loss did not fall: {per_group}"
     log = (runs["folder"] / "a.log").read_text()
     assert "ZeRO-2" in log and "2 rank(s)" in log and "creating a new group named: ep_size_2" in log
 
@@ -118,24 +126,29 @@ def test_resume_after_sigkill_gives_identical_losses(runs):
         assert b[step] == a[step], f"step {step}: resumed {b[step]} != uninterrupted {a[step]}"
 
 
-def test_per_group_lrs_are_the_scheduled_ones(runs):
+def test_single_update_rates_are_the_scheduled_ones(runs):
+    """One optimizer step per iteration: the shared parameters at the reference (rgb) rate, each sensor at its
+    group's rate, as read inside the optimizer call on rank 0."""
     from msgfm.config import load_config
     from msgfm.train.schedule import LRSchedule
 
     cfg = load_config(runs["folder"] / "tiny.yaml")
+    assert cfg.train.mode == "single_update" and cfg.optimizer.lr_reference_batch is None
     base = {g.name: g.lr for g in cfg.data.groups}
     rows = [json.loads(line) for line in (runs["a"] / "metrics.jsonl").read_text().splitlines()]
     steps_per_epoch = 8  # 40 samples, 20% held out, 2 ranks: 16 per rank = 8 sen12ms/mdas batches of 2
     schedule = LRSchedule(cfg.schedule, steps_per_epoch, reference_lr=max(base.values()))
     seen = 0
     for row in rows:
-        if "lr/rgb" not in row:
+        if "lr/shared" not in row:
             continue
-        for group, lr in base.items():
-            assert row[f"lr/{group}"] == pytest.approx(lr * schedule.factor(row["step"] - 1), rel=1e-9)
+        factor = schedule.factor(row["step"] - 1)
+        assert row["lr/shared"] == pytest.approx(base["rgb"] * factor, rel=1e-9)
+        assert row["lr/sensor/s2"] == pytest.approx(base["sen12ms"] * factor, rel=1e-9)
+        assert row["lr/sensor/dsm"] == pytest.approx(base["mdas"] * factor, rel=1e-9)
         seen += 1
     assert seen == 12
-    assert rows[0]["lr/rgb"] < rows[-1]["lr/rgb"] or rows[0]["lr/rgb"] == pytest.approx(1e-4)
+    assert rows[0]["lr/shared"] < rows[-1]["lr/shared"]
 
 
 def test_mlflow_run_contents(runs):
@@ -152,8 +165,8 @@ def test_mlflow_run_contents(runs):
     assert params["resolved.batch_size_per_gpu.rgb"] == "4"
     assert tags["world_size"] == "2" and tags["git_commit"] and tags["devices"].startswith("cpu")
     expected = ["train/loss", "train/rgb/recon_loss", "train/sen12ms/recon/s2", "train/sen12ms/recon/sar",
-                "train/mdas/recon_loss", "train/rgb/aux_loss", "lr/rgb", "lr/sen12ms", "lr/mdas",
-                "grad_norm/rgb", "throughput/samples_per_s", "throughput/mdas_samples_per_s",
+                "train/mdas/recon_loss", "train/rgb/aux_loss", "lr/shared", "lr/sensor/rgb", "lr/sensor/sar",
+                "lr/sensor/dsm", "grad_norm/shared", "throughput/samples_per_s", "throughput/mdas_samples_per_s",
                 "time/data_wait_fraction", "val/rgb/recon_loss", "val/sen12ms/recon/s2",
                 "moe/rgb/encoder.layers.2.blocks.1.mlp/dropped_fraction",
                 "moe/mdas/encoder.layers.2.blocks.1.mlp/expert0_share", "memory/peak_rss_gib"]

@@ -20,7 +20,8 @@ def tiny(tmp_path_factory) -> Path:
 
 def logged(tiny: Path, out: Path, *overrides: str) -> dict[int, dict[str, float]]:
     cfg = load_config(tiny / "tiny.yaml", ["model.moe.expert_parallel_size=1", "train.max_steps=4",
-                                           "train.checkpoint_interval=100", *overrides])
+                                           "train.checkpoint_interval=100", "train.mode=per_group",
+                                           "data.epoch=largest_group_once", *overrides])
     trainer = build_trainer(cfg, load_ds_config(tiny / "ds_tiny.json"), plan_data(cfg, tiny / "data"), out)
     trainer.fit()
     trainer.tracker.close()

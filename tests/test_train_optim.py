@@ -7,7 +7,15 @@ from deepspeed.moe.utils import is_moe_param
 
 from msgfm.config import OptimizerConfig, load_config
 from msgfm.tasks import build_pretrain_task
-from msgfm.train.optim import apex_fused_adam, build_optimizer, optimizer_class, param_groups, set_lr
+from msgfm.train.optim import (
+    apex_fused_adam,
+    build_optimizer,
+    optimizer_class,
+    param_groups,
+    parameter_owner,
+    set_lr,
+    set_rates,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +65,21 @@ def test_adamw_hyperparameters_and_set_lr(model):
     set_lr(opt, 3e-5)
     assert {g["lr"] for g in opt.param_groups} == {3e-5}
 
+
+
+def test_each_sensor_owns_its_embedding_and_decoder_groups(model):
+    groups = param_groups(model, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    owners = {}
+    for group in groups:
+        for p in group["params"]:
+            owners[names[id(p)]] = group["sensor"]
+            assert not (group.get("moe") and group["sensor"]), "experts are shared"
+    assert owners["backbone.embeddings.sar.proj.weight"] == "sar" and owners["decoders.dsm.proj.bias"] == "dsm"
+    assert owners["backbone.mask_token"] is None and owners["backbone.encoder.norm.weight"] is None
+    assert {g["sensor"] for g in groups} == {None, "rgb", "s2", "sar", "dsm"}
+    assert parameter_owner("backbone.embeddings.s2.norm.bias") == "s2" and parameter_owner("decoders.rgb") is None
+    opt = build_optimizer(model, OptimizerConfig(), lr=1e-4, on_gpu=False)
+    set_rates(opt, 2e-4, {"sar": 5e-5})
+    rates = {g["sensor"]: g["lr"] for g in opt.param_groups}
+    assert rates[None] == 2e-4 and rates["sar"] == 5e-5 and rates["rgb"] == 1e-4  # rgb: not in this update

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from msgfm.config import ScheduleConfig
-from msgfm.train.schedule import LRSchedule
+from msgfm.config import OptimizerConfig, ScheduleConfig, load_config
+from msgfm.train.schedule import LRSchedule, describe_rates, effective_lrs, reference_group
 
 
 def paper(**kw) -> LRSchedule:
@@ -44,3 +44,35 @@ def test_cosine_and_constant():
 def test_bad_epoch_length():
     with pytest.raises(ValueError, match="steps_per_epoch"):
         LRSchedule(ScheduleConfig(), steps_per_epoch=0, reference_lr=1e-4)
+
+
+PAPER_BASE = {"rgb": 1e-4, "sen12ms": 0.25e-4, "mdas": 1e-5}
+PAPER_BATCH = {"rgb": 128, "sen12ms": 32, "mdas": 12}
+
+
+def test_effective_rates_scale_each_group_by_its_global_batch():
+    cfg = load_config("msgfm_swinb_192")
+    assert cfg.optimizer.lr_reference_batch == 512 and cfg.optimizer.lr_scale_by == "group"
+    assert reference_group(PAPER_BASE) == "rgb"
+    lrs = effective_lrs(PAPER_BASE, PAPER_BATCH, 8, cfg.optimizer)
+    # GFM's rule: base x (batch per GPU x 8 GPUs) / 512, per group
+    assert lrs == pytest.approx({"rgb": 2e-4, "sen12ms": 0.25e-4 * 256 / 512, "mdas": 1e-5 * 96 / 512}, rel=1e-12)
+    by_reference = effective_lrs(PAPER_BASE, PAPER_BATCH, 8, OptimizerConfig(lr_scale_by="reference_group"))
+    assert by_reference == pytest.approx({g: 2 * lr for g, lr in PAPER_BASE.items()}, rel=1e-12)
+    assert effective_lrs(PAPER_BASE, PAPER_BATCH, 8, OptimizerConfig(lr_reference_batch=None)) == PAPER_BASE
+    assert effective_lrs(PAPER_BASE, PAPER_BATCH, 1, cfg.optimizer)["rgb"] == pytest.approx(1e-4 * 128 / 512)
+
+
+def test_warmup_and_minimum_rates_scale_like_the_base_rates():
+    opt = OptimizerConfig()
+    sched = ScheduleConfig(epochs=100, warmup_epochs=10, warmup_start_lr=1e-6, kind="cosine", min_lr=1e-5,
+                           milestones=[])
+    lrs = effective_lrs({"rgb": 2e-4, "sar": 5e-5}, {"rgb": 128, "sar": 32}, 8, opt)
+    s = LRSchedule(sched, steps_per_epoch=10, reference_lr=2e-4)
+    # GFM at 8 x 128: WARMUP_LR 1e-6 -> 2e-6 and MIN_LR 1e-5 -> 2e-5 for the reference group
+    assert lrs["rgb"] * s.factor(0) == pytest.approx(2e-6) and lrs["rgb"] * s.factor(1000) == pytest.approx(2e-5)
+    assert lrs["sar"] * s.factor(0) == pytest.approx(1e-6 * (5e-5 / 2e-4) * 256 / 512)
+    lines = describe_rates({"rgb": 2e-4, "sar": 5e-5}, {"rgb": 128, "sar": 32}, 8, opt, sched)
+    assert lines[0] == ("rgb: base 0.0002, global batch 1024, effective 0.0004 (x its global batch / 512); "
+                        "warm-up from 2e-06, floor 2e-05 [reference]")
+    assert lines[1].startswith("sar: base 5e-05, global batch 256, effective 2.5e-05")

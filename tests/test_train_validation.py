@@ -100,6 +100,24 @@ def test_dry_run_paper_setup_for_8_v100(tmp_path):
     assert 210 < total_m < 230 and 85 < active_m < 92
     assert "params     (P_d + P_e/E) * 2" in out and "optimizer  P_d*12/W" in out
     assert f"steps per epoch: data root {tmp_path / 'absent'} is missing here" in out
+    # base and effective rates per group: Table 10's rates x the group's global batch / 512
+    assert "rgb: base 0.0001, global batch 1024, effective 0.0002 (x its global batch / 512); warm-up from " \
+           "1e-06 [reference]" in out
+    assert "sen12ms: base 2.5e-05, global batch 256, effective 1.25e-05" in out
+    assert "mdas: base 1e-05, global batch 96, effective 1.875e-06" in out
+
+
+# 9 training samples per group, 4 per rank: rgb 1 batch of 4, the pairs 2 batches of 2
+@pytest.mark.parametrize("epoch,passes", [("every_group_once", "rgb 1, sen12ms 1, mdas 1"),
+                                          ("largest_group_once", "rgb 2, sen12ms 1, mdas 1")])
+def test_dry_run_prints_passes_per_epoch_and_rates(tiny, capsys, epoch, passes):
+    code = pretrain(str(tiny / "tiny.yaml"), [f"data.epoch={epoch}"],
+                    str(tiny / "ds_tiny.json"), None, "unused", dry_run=True, world_size=2)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"steps per epoch ({epoch}): 2 (batches per group per rank: {{'rgb': 1, 'sen12ms': 2, 'mdas': 2}})" in out
+    assert f"passes over each group's data per epoch: {passes}" in out
+    assert "rgb: base 0.003, global batch 8, effective 0.003 (unscaled, optimizer.lr_reference_batch: null)" in out
 
 
 def test_dry_run_catches_a_bad_world_size():

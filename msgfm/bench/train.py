@@ -182,7 +182,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
     ds_path = Path(args.deepspeed_config or repo / "ds_configs" / ("a100x8_bf16.json" if on_gpu else "cpu.json"))
     init_process_group(on_gpu)  # a plain `python -m msgfm.bench.train` is a one-process group
     world, rank = dist.get_world_size(), dist.get_rank()
-    overrides = list(args.overrides)
+    # every group in every step: the benchmark times each group's forward, backward and step (it measures
+    # costs per group, not the epoch layout); the user's overrides still win
+    overrides = ["data.epoch=largest_group_once", *args.overrides]
     cfg = load_config(args.config, overrides)
     if cfg.model.moe.enabled and world % cfg.model.moe.expert_parallel_size:
         overrides.append(f"model.moe.expert_parallel_size={world}")  # e.g. the 2-rank demo config in 1 process

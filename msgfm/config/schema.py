@@ -188,7 +188,8 @@ class DataGroupConfig:
     shards: list[str] = field(default_factory=list)
     # An int, or "auto": proportional to the group's sample count (see data.total_batch_size_per_gpu).
     batch_size_per_gpu: int | str = 32
-    # Base learning rate; None with "auto" batch sizes: the linear-scaling rule from data.reference_lr.
+    # Base learning rate (before optimizer.lr_reference_batch scaling). With "auto" batch sizes leave it
+    # out: the linear rule from the reference group sets it (data.reference_lr x batch / reference_batch_size).
     lr: float | None = None
     num_workers: int = 2
 
@@ -209,6 +210,10 @@ class DataGroupConfig:
             config_error(f"{key}.lr", f"must be > 0, got {self.lr}")
         if self.lr is None and self.batch_size_per_gpu != "auto":
             config_error(f"{key}.lr", "set a base learning rate (or batch_size_per_gpu: auto to derive it)")
+        if self.lr is not None and self.batch_size_per_gpu == "auto":
+            config_error(f"{key}.lr", "batch_size_per_gpu: auto derives the LR from the reference group "
+                                      "(data.reference_lr x batch / data.reference_batch_size); remove lr or give "
+                                      "an integer batch size")
         if self.num_workers < 0:
             config_error(f"{key}.num_workers", f"must be >= 0, got {self.num_workers}")
 
@@ -243,9 +248,14 @@ class DataConfig:
     groups: list[DataGroupConfig] = field(default_factory=list)
     # For batch_size_per_gpu: auto, the per-GPU batch summed over the groups, split by sample count.
     total_batch_size_per_gpu: int | None = None
-    # Linear scaling for auto LRs: lr = reference_lr x batch / reference_batch_size.
+    # The reference group of the linear rule for auto batch sizes (Table 10's RGB row):
+    # lr = reference_lr x batch / reference_batch_size, set once per auto group.
     reference_lr: float = 1e-4
     reference_batch_size: int = 128
+    # every_group_once: an epoch sees every group's training data once, each group's batches spread evenly
+    # over the epoch's steps (Appendix B.1); largest_group_once: every group in every step, the smaller
+    # groups repeated within an epoch (the older reading).
+    epoch: Literal["every_group_once", "largest_group_once"] = "every_group_once"
     stats_file: str = "stats.json"
     val_fraction: float = 0.01
     # Corrupt samples skipped during a run before it stops, as a fraction of samples read.
@@ -291,6 +301,11 @@ class OptimizerConfig:
     weight_decay: float = 0.05
     # auto: DeepSpeed's fused Adam on GPU, torch AdamW on CPU; apex: NVIDIA apex FusedAdam.
     implementation: Literal["auto", "torch", "deepspeed", "apex"] = "auto"
+    # Linear LR scaling as GFM's code does it (lr = base x global batch / 512, for the base, warm-up and
+    # minimum rates); null: the configured rates are used as they are.
+    lr_reference_batch: int | None = 512
+    # Whose global batch scales a group's rates: its own (group) or the reference group's (reference_group).
+    lr_scale_by: Literal["group", "reference_group"] = "group"
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -299,6 +314,8 @@ class OptimizerConfig:
             config_error("optimizer.eps", f"must be > 0, got {self.eps}")
         if self.weight_decay < 0:
             config_error("optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.lr_reference_batch is not None and self.lr_reference_batch < 1:
+            config_error("optimizer.lr_reference_batch", f"must be >= 1 or null, got {self.lr_reference_batch}")
 
 
 @dataclass(kw_only=True)
@@ -330,9 +347,11 @@ class ScheduleConfig:
 class TrainConfig:
     """The training loop: step structure, seeds, checkpoints, validation."""
 
-    # per_group: one optimizer step per group batch with that group's LR (the paper);
-    # joint: one step on the summed group losses (an ablation).
-    mode: Literal["per_group", "joint"] = "per_group"
+    # single_update: every group's forward and backward, then one optimizer step; each sensor's own
+    # parameters at its group's rate, the shared encoder at the reference group's rate.
+    # per_group: one optimizer step per group at that group's rate, touching only the shared parameters
+    # and the sensors of that group. docs/training.md says which reading is the paper's and why.
+    mode: Literal["single_update", "per_group"] = "single_update"
     seed: int = 0
     max_steps: int | None = None  # stop early (demo, tests); None: schedule.epochs
     log_interval: int = 10

@@ -109,7 +109,7 @@ def build_pretrain_data(cfg: RunConfig, plan: DataPlan, rank: int, world_size: i
         # Validation runs now and then: its workers start per pass instead of idling in between.
         val[group.name] = ValLoader(group.name, _loader(val_ds, val_sampler, group, pin_memory,
                                                         cfg.data.prefetch_factor, persistent=False), tracker)
-    scheduler = HeterogeneousScheduler(names, loaders, samplers, tracker, seed)
+    scheduler = HeterogeneousScheduler(names, loaders, samplers, tracker, seed, epoch=cfg.data.epoch)
     return PretrainData(train=scheduler, val=val,
                         stats={name: s.statistics.to_dict() for name, s in summaries.items()},
                         group_sizes=plan.group_sizes, batch_sizes=dict(plan.batch_sizes), lrs=dict(plan.lrs),

@@ -19,7 +19,7 @@ import numpy as np
 
 from msgfm.config import DataGroupConfig, RunConfig
 from msgfm.data.format import ShardError, ShardInfo, read_shard_info
-from msgfm.data.scheduler import GroupOrder, resolve_group_batches, split_train_val
+from msgfm.data.scheduler import GroupOrder, passes_per_epoch, resolve_group_batches, split_train_val
 from msgfm.data.stats import MissingStatsError, Stats, default_stats_path, load_stats
 from msgfm.errors import MissingFileError, UserError
 from msgfm.sensors import get_sensor
@@ -156,6 +156,16 @@ class DataPlan:
         return {name: GroupOrder(indices=train_idx, batch_size=self.batch_sizes[name], rank=rank,
                                  world_size=world_size, seed=seed, group_position=position)
                 for position, (name, (train_idx, _)) in enumerate(self.split(cfg, seed).items())}
+
+
+    def batches_per_epoch(self, cfg: RunConfig, world_size: int) -> dict[str, int]:
+        """Each group's batches per rank in one pass over its training samples (the same on every rank)."""
+        return {name: order.batches_per_epoch
+                for name, order in self.group_orders(cfg, 0, world_size, cfg.train.seed).items()}
+
+    def passes_per_epoch(self, cfg: RunConfig, world_size: int) -> dict[str, float]:
+        """Passes over each group's training samples in one epoch (``data.epoch``)."""
+        return passes_per_epoch(self.batches_per_epoch(cfg, world_size), cfg.data.epoch)
 
 
 def configured_batches(cfg: RunConfig) -> dict[str, tuple[int, float]] | None:

@@ -1,18 +1,27 @@
-"""The heterogeneous-batch scheduler: every training step yields one batch from every
-data group, in the config's fixed order, with the same batch sizes and the same number
-of steps on every rank (the MoE all-to-all hangs otherwise).
+"""The heterogeneous-batch scheduler: every training step yields one batch from every data group
+due in that step, in the config's fixed order, with the same batch sizes, the same groups and the
+same number of steps on every rank (the MoE all-to-all hangs otherwise).
 
 Order of samples. Group ``g`` with ``n_g`` training samples, per-rank batch ``B_g`` and
 ``R`` ranks: every group epoch draws a seeded permutation of its samples, keeps the first
 ``R * (n_g // R)`` of them and gives rank ``r`` the ``r``-th block of ``n_g // R``
-(disjoint across ranks), cut into ``(n_g // R) // B_g`` full batches (the remainder is
-dropped on every rank alike). Global step ``s`` takes batch ``s mod nb_g`` of group
-epoch ``s // nb_g`` from every group, so a small group reshuffles and starts again when
-exhausted. One scheduler epoch is ``max_g nb_g`` steps: the largest group is seen once.
+(disjoint across ranks), cut into ``nb_g = (n_g // R) // B_g`` full batches (the remainder is
+dropped on every rank alike). One scheduler epoch is ``S = max_g nb_g`` steps.
 
-The whole order is a function of (seed, group position, group epoch): resuming from
-``state_dict()`` (the next global step) gives exactly the batches of an uninterrupted run,
-augmentations included, because each sample carries its own augmentation seed.
+What an epoch is (``data.epoch``):
+
+* ``every_group_once`` (Appendix B.1: "every type of sensor is iterated through once"): group
+  ``g``'s ``k``-th batch of epoch ``e`` runs in step ``e * S + floor((2k + 1) * S / (2 nb_g))``,
+  so each group's batches are spread evenly over the epoch and every group's data is seen exactly
+  once per epoch; a step holds the groups due in it (the largest group is due in every step).
+* ``largest_group_once``: every group in every step; global step ``s`` takes batch ``s mod nb_g``
+  of group epoch ``s // nb_g``, so a smaller group reshuffles and starts again when exhausted
+  (``S / nb_g`` passes per epoch).
+
+Which groups are due depends only on the ``nb_g``, equal on every rank: every rank runs the same
+sequence of forwards. The whole order is a function of (seed, group position, group epoch):
+resuming from ``state_dict()`` (the next global step) gives exactly the batches of an
+uninterrupted run, augmentations included, because each sample carries its own augmentation seed.
 """
 from __future__ import annotations
 
@@ -39,9 +48,10 @@ def resolve_group_batches(cfg: RunConfig, group_sizes: Mapping[str, int]) -> dic
 
     Integer ``batch_size_per_gpu`` is used as given, with the group's ``lr``. ``"auto"`` groups
     share ``data.total_batch_size_per_gpu`` (minus the fixed groups' batches) in proportion to
-    their sample counts in ``group_sizes`` (largest remainder, at least 1 each); their LR follows
-    the linear-scaling rule ``lr_ref x batch / data.reference_batch_size``, where ``lr_ref`` is the
-    group's ``lr`` when set, else ``data.reference_lr``.
+    their sample counts in ``group_sizes`` (largest remainder, at least 1 each), so that every
+    group has about as many batches per epoch; their LR is set once, by the linear rule from the
+    reference group: ``data.reference_lr x batch / data.reference_batch_size``. These are base
+    rates: ``optimizer.lr_reference_batch`` scales them later (msgfm.train.schedule).
     """
     data = cfg.data
     missing = [g.name for g in data.groups if g.name not in group_sizes]
@@ -63,7 +73,7 @@ def resolve_group_batches(cfg: RunConfig, group_sizes: Mapping[str, int]) -> dic
     for g in data.groups:
         batch = sizes[g.name]
         if g.batch_size_per_gpu == "auto":
-            lr = (g.lr if g.lr is not None else data.reference_lr) * batch / data.reference_batch_size
+            lr = data.reference_lr * batch / data.reference_batch_size
         else:
             assert g.lr is not None, "DataGroupConfig.__post_init__ requires lr with a fixed batch size"
             lr = g.lr
@@ -122,8 +132,27 @@ class GroupOrder:
         return self.indices[order[block]], aug_seeds[block]
 
 
+EpochMode = str  # "every_group_once" | "largest_group_once" (config key data.epoch)
+
+
+def due_positions(batches: int, steps_per_epoch: int) -> np.ndarray:
+    """The steps of an epoch (0-based) that take a group's ``batches`` batches: evenly spread, the
+    ``k``-th at ``floor((2k + 1) * steps_per_epoch / (2 * batches))``, all distinct."""
+    if not 1 <= batches <= steps_per_epoch:
+        raise ValueError(f"{batches} batches do not fit an epoch of {steps_per_epoch} steps")
+    k = np.arange(batches)
+    return (2 * k + 1) * steps_per_epoch // (2 * batches)
+
+
+def passes_per_epoch(batches_per_epoch: Mapping[str, int], epoch: EpochMode) -> dict[str, float]:
+    """How often each group's training data is gone through in one scheduler epoch."""
+    steps = max(batches_per_epoch.values())
+    return {g: 1.0 if epoch == "every_group_once" else steps / nb for g, nb in batches_per_epoch.items()}
+
+
 class StepRangeBatchSampler:
-    """A DataLoader batch sampler over global steps ``[start, stop)`` of one group.
+    """A DataLoader batch sampler over global steps ``[start, stop)`` of one group: a batch for each
+    step the group is due in (every step, until :meth:`spread_over` spreads it over an epoch).
 
     The scheduler sets the range before each pass; sampling runs in the main process, so
     the worker processes only ever see lists of (index, augmentation seed)."""
@@ -132,18 +161,33 @@ class StepRangeBatchSampler:
         self.order = order
         self.start = 0
         self.stop = 0
+        self.steps_per_epoch: int | None = None
+        self.batch_at: dict[int, int] = {}  # position in the epoch -> batch index (spread mode)
         self._cache: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
 
+    def spread_over(self, steps_per_epoch: int) -> None:
+        """One pass over the group per ``steps_per_epoch`` steps, its batches spread evenly (module docstring)."""
+        self.steps_per_epoch = steps_per_epoch
+        positions = due_positions(self.order.batches_per_epoch, steps_per_epoch)
+        self.batch_at = {int(p): k for k, p in enumerate(positions)}
+
+    def is_due(self, step: int) -> bool:
+        return self.steps_per_epoch is None or step % self.steps_per_epoch in self.batch_at
+
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return sum(self.is_due(step) for step in range(self.start, self.stop))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for step in range(self.start, self.stop):
-            yield self._batch(step)
+            if self.is_due(step):
+                yield self._batch(step)
 
     def _batch(self, step: int) -> list[tuple[int, int]]:
-        nb = self.order.batches_per_epoch
-        group_epoch, position = divmod(step, nb)
+        if self.steps_per_epoch is None:
+            group_epoch, position = divmod(step, self.order.batches_per_epoch)
+        else:
+            group_epoch, in_epoch = divmod(step, self.steps_per_epoch)
+            position = self.batch_at[in_epoch]
         if self._cache is None or self._cache[0] != group_epoch:
             self._cache = (group_epoch, self.order.epoch_order(group_epoch))
         indices, seeds = self._cache[1]
@@ -236,7 +280,7 @@ class HeterogeneousScheduler:
     """
 
     def __init__(self, names: Sequence[str], loaders: Sequence[Any], samplers: Sequence[StepRangeBatchSampler],
-                 tracker: CorruptTracker, seed: int) -> None:
+                 tracker: CorruptTracker, seed: int, epoch: EpochMode = "every_group_once") -> None:
         assert len(names) == len(loaders) == len(samplers)
         empty = [n for n, s in zip(names, samplers) if s.order.batches_per_epoch < 1]
         if empty:
@@ -249,6 +293,12 @@ class HeterogeneousScheduler:
         self.samplers = list(samplers)
         self.tracker = tracker
         self.seed = seed
+        self.epoch_mode = epoch
+        if epoch == "every_group_once":
+            for sampler in self.samplers:
+                sampler.spread_over(self.steps_per_epoch)
+        elif epoch != "largest_group_once":
+            raise UserError(f"config key 'data.epoch': every_group_once or largest_group_once, got {epoch!r}")
         self.step = 0  # the next global step to yield
 
     @property
@@ -268,9 +318,20 @@ class HeterogeneousScheduler:
         return self.step // self.steps_per_epoch
 
     @property
+    def passes_per_epoch(self) -> dict[str, float]:
+        """Passes over each group's training samples in one epoch (1 for every group by default)."""
+        return passes_per_epoch(self.batches_per_epoch, self.epoch_mode)
+
+    @property
     def group_epochs(self) -> dict[str, int]:
         """Completed passes over each group's training samples (for logging)."""
+        if self.epoch_mode == "every_group_once":
+            return {n: self.epoch for n in self.names}
         return {n: self.step // nb for n, nb in self.batches_per_epoch.items()}
+
+    def due_groups(self, step: int) -> list[str]:
+        """The groups whose batch runs in global ``step``, in config order (the same on every rank)."""
+        return [n for n, sampler in zip(self.names, self.samplers) if sampler.is_due(step)]
 
     @property
     def corrupt_counts(self) -> dict[str, int]:
@@ -287,13 +348,14 @@ class HeterogeneousScheduler:
             sampler.start, sampler.stop = start, stop
         iterators = [iter(loader) for loader in self.loaders]
         for step in range(start, stop):
-            batches = [(name, self.tracker.update(name, next(it))) for name, it in zip(self.names, iterators)]
+            batches = [(name, self.tracker.update(name, next(it)))
+                       for name, it, sampler in zip(self.names, iterators, self.samplers) if sampler.is_due(step)]
             self.step = step + 1  # counted before handing out: a checkpoint taken now resumes after it
             yield batches
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "seed": self.seed, "batches_per_epoch": self.batches_per_epoch,
-                "corrupt": self.tracker.state_dict()}
+                "epoch_mode": self.epoch_mode, "corrupt": self.tracker.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume at the recorded step; warns when seed or batch counts differ (the data or the
@@ -305,5 +367,9 @@ class HeterogeneousScheduler:
             warnings.warn(f"batches per epoch changed since the checkpoint ({dict(state.get('batches_per_epoch', {}))}"
                           f" -> {self.batches_per_epoch}): the data or batch sizes differ, so the order "
                           f"differs from the interrupted run", stacklevel=2)
+        recorded = state.get("epoch_mode", "largest_group_once")
+        if recorded != self.epoch_mode:
+            warnings.warn(f"resuming data order recorded with data.epoch={recorded} under data.epoch="
+                          f"{self.epoch_mode}: the batches will differ from the interrupted run", stacklevel=2)
         self.step = int(state["step"])
         self.tracker.load_state_dict(state.get("corrupt", {}))

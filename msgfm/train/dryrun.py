@@ -17,6 +17,7 @@ from msgfm.errors import UserError
 from msgfm.tasks import build_pretrain_task, count_parameters
 from msgfm.train import ds_config as dsc
 from msgfm.train.memory import BYTES, estimate_memory
+from msgfm.train.schedule import describe_rates
 from msgfm.train.validate import startup_checks
 
 
@@ -61,6 +62,10 @@ def dry_run(cfg: RunConfig, ds_config: dict[str, Any], ds_name: str, data_root: 
           f"{cfg.model.moe.num_experts}, micro batch {ds_config.get('train_micro_batch_size_per_gpu')} = largest "
           f"group batch, gradient_accumulation_steps 1; precision {prec} (not checked against this machine)")
     print("  group batch per GPU / base LR: " + ", ".join(f"{g} {b} / {lr:g}" for g, (b, lr) in resolved.items()))
+    print(f"  learning rates per group (world size {world_size}, train.mode {cfg.train.mode}):")
+    for line in describe_rates({g: lr for g, (_, lr) in resolved.items()}, batches, world_size, cfg.optimizer,
+                               cfg.schedule):
+        print(f"    {line}")
     print("parameters (global):")
     print(f"  dense (shared encoder, embeddings, decoders, mask token): {_m(dense)}")
     print(f"  experts (all layers, all experts):                       {_m(expert)}")
@@ -83,11 +88,12 @@ def dry_run(cfg: RunConfig, ds_config: dict[str, Any], ds_name: str, data_root: 
     if plan is None:
         print(f"steps per epoch: {data_problem}")
         return 0
-    per_group = {name: order.batches_per_epoch
-                 for name, order in plan.group_orders(cfg, 0, world_size, cfg.train.seed).items()}
+    per_group = plan.batches_per_epoch(cfg, world_size)
+    passes = plan.passes_per_epoch(cfg, world_size)
     steps = max(per_group.values())
-    print(f"steps per epoch (largest group seen once): {steps} (batches per group per rank: {per_group}); "
+    print(f"steps per epoch ({cfg.data.epoch}): {steps} (batches per group per rank: {per_group}); "
           f"{cfg.schedule.epochs} epochs = {steps * cfg.schedule.epochs:,} steps")
+    print("passes over each group's data per epoch: " + ", ".join(f"{g} {p:.3g}" for g, p in passes.items()))
     return 0
 
 

@@ -2,14 +2,16 @@
 
 How group batch sizes relate to the ds_config
 ---------------------------------------------
-Each outer step runs every data group in turn with its own batch size and one
-``engine.step()`` per group (``train.mode: per_group``; docs/architecture.md). DeepSpeed knows only one
+Each outer step runs every due data group in turn with its own batch size, then one
+``engine.step()`` (``train.mode: single_update``) or one per group (``per_group``;
+docs/training.md). DeepSpeed knows only one
 micro batch; it uses it for its batch arithmetic assertion and throughput
 timers, never to cut batches (msgfm's data scheduler does that). So msgfm asks:
 
 - ``train_micro_batch_size_per_gpu`` = the *largest* group batch size
   (128, the rgb group, in the paper config);
-- ``gradient_accumulation_steps`` = 1 (every backward is followed by its step);
+- ``gradient_accumulation_steps`` = 1 (each backward is followed by its step; single-update mode
+  sums the group losses into one backward);
 - ``train_batch_size``, if given, = micro batch x world size.
 
 The optimizer and the LR schedule come from the run config (one place for

@@ -133,9 +133,10 @@ class StepObserver:
             if cases:
                 self.figure_cases[group] = cases
 
-    def record_update(self, name: str, lr: float, grad_norm: float | None) -> None:
-        """The LR in effect at an optimizer step and the gradient norm it saw."""
-        self.add(f"lr/{name}", lr)
+    def record_update(self, name: str, lr: float | None, grad_norm: float | None) -> None:
+        """The LR in effect at an optimizer step (None: the step was skipped) and the gradient norm it saw."""
+        if lr is not None:
+            self.add(f"lr/{name}", lr)
         if grad_norm is not None:
             self.add(f"grad_norm/{name}", grad_norm)
 

@@ -30,7 +30,7 @@ from msgfm.train.engine import build_engine, total_steps
 from msgfm.train.evaluation import HeldOutLoss
 from msgfm.train.optim import build_optimizer
 from msgfm.train.runtime import device_name, git_commit, init_process_group, seed_everything
-from msgfm.train.schedule import LRSchedule
+from msgfm.train.schedule import LRSchedule, describe_rates, effective_lrs, reference_group
 from msgfm.train.tracking import ShardSet, Tracker
 from msgfm.train.trainer import Trainer, TrainerSettings
 from msgfm.train.validate import resolve_data_root, startup_checks
@@ -94,10 +94,11 @@ def build_trainer(cfg: RunConfig, ds_config: dict[str, Any], plan: DataPlan, out
         reinit_experts(task, seed, ep_rank=rank % cfg.model.moe.expert_parallel_size)
     data = build_pretrain_data(cfg, plan, rank, world, seed)
     base_lrs = dict(data.lrs)
-    optimizer = build_optimizer(task, cfg.optimizer, lr=max(base_lrs.values()), on_gpu=torch.cuda.is_available())
+    reference = reference_group(base_lrs)
+    peak_lrs = effective_lrs(base_lrs, data.batch_sizes, world, cfg.optimizer)
+    optimizer = build_optimizer(task, cfg.optimizer, lr=peak_lrs[reference], on_gpu=torch.cuda.is_available())
     engine = build_engine(task, optimizer, ds_config, seed, rank)
-    schedule = LRSchedule(cfg.schedule, steps_per_epoch=data.train.steps_per_epoch,
-                          reference_lr=max(base_lrs.values()))
+    schedule = LRSchedule(cfg.schedule, steps_per_epoch=data.train.steps_per_epoch, reference_lr=base_lrs[reference])
     train, track = cfg.train, cfg.tracking
     settings = TrainerSettings(total_steps=total_steps(schedule, train.max_steps), mode=train.mode,
                                log_interval=train.log_interval, tracking_interval=track.log_interval,
@@ -106,9 +107,10 @@ def build_trainer(cfg: RunConfig, ds_config: dict[str, Any], plan: DataPlan, out
                                max_nonfinite_steps=train.max_nonfinite_steps)
     tracker = Tracker(cfg.tracking, out, active=tracking and rank == 0 and cfg.tracking.enabled)
     client_extra = {"config": cfg.to_dict(), "ds_config": ds_config, "stats": data.stats, "git_commit": git_commit()}
-    return Trainer(engine, data.train, base_lrs=base_lrs, schedule=schedule, settings=settings, tracker=tracker,
+    return Trainer(engine, data.train, base_lrs=peak_lrs, schedule=schedule, settings=settings, tracker=tracker,
                    output_dir=out, rank=rank, world_size=world, client_extra=client_extra,
-                   evaluator=HeldOutLoss(data.val, train.max_val_batches))
+                   evaluator=HeldOutLoss(data.val, train.max_val_batches),
+                   group_sensors={g.name: g.sensors for g in cfg.data.groups}, reference_group=reference)
 
 
 def start_tracking(trainer: Trainer, cfg: RunConfig, plan: DataPlan, resumed: bool) -> None:
@@ -121,10 +123,12 @@ def start_tracking(trainer: Trainer, cfg: RunConfig, plan: DataPlan, resumed: bo
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     steps_per_epoch = trainer.data.steps_per_epoch
+    passes = plan.passes_per_epoch(cfg, trainer.world_size)
     trainer.tracker.open(
         run_name=f"{cfg.name}-{out.name}", resumed=resumed, resume_step=trainer.step,
         params={"config": cfg.to_dict(), "ds_config": ds_config,
-                "resolved": {"batch_size_per_gpu": plan.batch_sizes, "lr": trainer.base_lrs,
+                "resolved": {"batch_size_per_gpu": plan.batch_sizes, "base_lr": plan.lrs, "lr": trainer.base_lrs,
+                             "passes_per_epoch": passes,
                              "steps_per_epoch": steps_per_epoch, "total_steps": trainer.total_steps}},
         tags={"git_commit": git_commit(), "world_size": str(trainer.world_size), "devices": device_name(),
               "host": socket.gethostname(), "precision": dsc.precision(ds_config)},
@@ -133,8 +137,11 @@ def start_tracking(trainer: Trainer, cfg: RunConfig, plan: DataPlan, resumed: bo
         datasets=[ShardSet(name=name, context="training", shards=tuple(summary.shards))
                   for name, summary in plan.summaries.items()])
     print(f"msgfm pretraining: {cfg.name}, {trainer.world_size} rank(s), {dsc.precision(ds_config)}, ZeRO-"
-          f"{dsc.zero_stage(ds_config)}, groups {plan.batch_sizes} per GPU, LRs {trainer.base_lrs}, "
-          f"{steps_per_epoch} steps/epoch, {trainer.total_steps} steps", flush=True)
+          f"{dsc.zero_stage(ds_config)}, groups {plan.batch_sizes} per GPU, train.mode {cfg.train.mode}, "
+          f"{steps_per_epoch} steps/epoch ({cfg.data.epoch}), {trainer.total_steps} steps", flush=True)
+    print("  learning rates per group:\n    " + "\n    ".join(
+        describe_rates(plan.lrs, plan.batch_sizes, trainer.world_size, cfg.optimizer, cfg.schedule)), flush=True)
+    print(f"  passes over each group's data per epoch: {passes}", flush=True)
 
 
 def _print_where(out: Path, tracker: Tracker) -> None:

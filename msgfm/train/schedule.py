@@ -1,25 +1,75 @@
-"""Learning-rate schedule: one factor per iteration, shared by every data group.
+"""Learning rates: each group's effective rate (linear scaling) and one schedule factor per iteration.
 
-An *iteration* is one outer training step (one batch of every group, see
-:mod:`msgfm.train.loop`). Each group's learning rate is its base LR times the
-factor, so the groups keep the ratios of the paper (1e-4 : 0.25e-4 : 1e-5)
-through warm-up and decay::
+Linear scaling as GFM's code does it (``optimizer.lr_reference_batch``, 512 by default)::
 
-    lr[group](t) = base_lr[group] * factor(t)
+    effective_lr[group] = base_lr[group] * global_batch / lr_reference_batch
 
-The factor is the schedule of the *largest* base LR, normalised by it: warm-up
-starts at ``warmup_start_lr / max(base_lr)`` (5e-7 / 1e-4 = 0.005 for the
-paper), grows linearly to 1 over ``warmup_epochs``, then follows ``kind``:
-``multistep`` (x ``gamma`` at each milestone epoch), ``cosine`` (down to
-``min_lr / max(base_lr)`` at ``epochs``) or ``constant``.
+with ``global_batch`` the group's own (batch per GPU x world size; ``optimizer.lr_scale_by: group``)
+or the reference group's (``reference_group``). The *reference group* is the group with the
+largest base LR (the paper's RGB group, 1e-4 at batch 128).
+
+An *iteration* is one outer training step (see :mod:`msgfm.train.trainer`). Each group's rate is
+its effective rate times the factor, so the groups keep their ratios through warm-up and decay::
+
+    lr[group](t) = effective_lr[group] * factor(t)
+
+The factor is the reference group's schedule normalised by its base rate: warm-up starts at
+``warmup_start_lr / base_lr[reference]`` (5e-7 / 1e-4 = 0.005 for the paper), grows linearly to 1
+over ``warmup_epochs``, then follows ``kind``: ``multistep`` (x ``gamma`` at each milestone epoch),
+``cosine`` (down to ``min_lr / base_lr[reference]`` at ``epochs``) or ``constant``. The warm-up
+and minimum rates are therefore scaled exactly like the base rates.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from msgfm.config import ScheduleConfig
+from msgfm.config import OptimizerConfig, ScheduleConfig
 from msgfm.errors import UserError
+
+
+def reference_group(base_lrs: dict[str, float]) -> str:
+    """The group with the largest base LR (the first of equals): its rate is the schedule's reference."""
+    if not base_lrs:
+        raise UserError("no data group to take a learning rate from (config key 'data.groups' is empty)")
+    return max(base_lrs, key=lambda g: base_lrs[g])
+
+
+def global_batches(batch_sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """Each group's global batch (gradient accumulation is always 1 here)."""
+    return {g: b * world_size for g, b in batch_sizes.items()}
+
+
+def effective_lrs(base_lrs: dict[str, float], batch_sizes: dict[str, int], world_size: int,
+                  cfg: OptimizerConfig) -> dict[str, float]:
+    """Each group's peak rate after linear scaling (see the module docstring); the base rates when
+    ``optimizer.lr_reference_batch`` is null."""
+    if cfg.lr_reference_batch is None:
+        return dict(base_lrs)
+    batches = global_batches(batch_sizes, world_size)
+    ref = reference_group(base_lrs)
+    return {g: lr * (batches[g] if cfg.lr_scale_by == "group" else batches[ref]) / cfg.lr_reference_batch
+            for g, lr in base_lrs.items()}
+
+
+def describe_rates(base_lrs: dict[str, float], batch_sizes: dict[str, int], world_size: int,
+                   optimizer: OptimizerConfig, schedule: ScheduleConfig) -> list[str]:
+    """One line per group: base rate, global batch, effective peak, warm-up start (and cosine floor)."""
+    effective = effective_lrs(base_lrs, batch_sizes, world_size, optimizer)
+    batches = global_batches(batch_sizes, world_size)
+    ref = reference_group(base_lrs)
+    rule = ("unscaled, optimizer.lr_reference_batch: null" if optimizer.lr_reference_batch is None else
+            f"x {'its' if optimizer.lr_scale_by == 'group' else 'the reference group' + chr(39) + 's'} global "
+            f"batch / {optimizer.lr_reference_batch}")
+    lines = []
+    for g, base in base_lrs.items():
+        ratio = effective[g] / base_lrs[ref]
+        line = (f"{g}: base {base:.4g}, global batch {batches[g]}, effective {effective[g]:.4g} ({rule}); "
+                f"warm-up from {schedule.warmup_start_lr * ratio:.4g}")
+        if schedule.kind == "cosine":
+            line += f", floor {schedule.min_lr * ratio:.4g}"
+        lines.append(line + (" [reference]" if g == ref else ""))
+    return lines
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,21 @@
 """One Trainer for every task: pretraining (several data groups per step) and fine-tuning (one).
 
-A training step takes one batch of every group, in a fixed order. Per group
-(``train.mode: per_group``, the paper's reading; docs/architecture.md)::
+A training step takes one batch of every group due in that step (msgfm.data.scheduler), in a fixed
+order. ``train.mode: single_update`` (the paper's reading; docs/training.md)::
 
-    inputs = task.prepare(batch, group, device, dtype)
-    out = engine(inputs, group)            # forward: loss and metrics
-    engine.backward(out["loss"])
-    self._optimizer_step(group)            # the group's LR x schedule factor, then engine.step()
+    for group, batch in step_batches:
+        inputs = task.prepare(batch, group, device, dtype)
+        out = engine(inputs, group)        # forward: loss and metrics
+        total = total + out["loss"]
+    engine.backward(total)
+    self._optimizer_step(groups)           # shared at the reference rate, each sensor at its group's rate
 
-``train.mode: joint`` sums the group losses and takes one step at the first group's LR.
+``train.mode: per_group``: after each group's forward, ``engine.backward(out["loss"])`` and an
+optimizer step at that group's rate that touches only the shared parameters and that group's
+sensors (msgfm.train.optim.UpdateGate). In both modes a sensor outside the step's groups keeps its
+parameters and optimizer state bit for bit. Rates are set before ``engine.step()`` and recorded as
+the optimizer saw them inside the step.
+
 Metrics stay on the device until a logging step; the observer records them, the expert load
 and figure material. At every epoch end the evaluator runs (validation for pretraining, the
 task metrics and best weights for fine-tuning) and a checkpoint is published; one more at the
@@ -17,7 +24,7 @@ end and every ``checkpoint_interval`` steps.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -28,7 +35,7 @@ from msgfm.errors import UserError
 from msgfm.tasks.base import Task
 from msgfm.train import checkpoint as ckpt
 from msgfm.train.metrics import StepObserver
-from msgfm.train.optim import set_lr
+from msgfm.train.optim import SHARED, UpdateGate, set_rates
 from msgfm.train.runtime import engine_dtype
 from msgfm.train.schedule import LRSchedule
 from msgfm.train.tracking import Tracker
@@ -69,7 +76,7 @@ class TrainerSettings:
     """The loop's knobs, from ``train.*`` and ``tracking.*`` of a run config."""
 
     total_steps: int
-    mode: Literal["per_group", "joint"] = "per_group"
+    mode: Literal["single_update", "per_group"] = "per_group"
     log_interval: int = 10
     tracking_interval: int = 10
     figure_interval: int | None = None
@@ -86,8 +93,22 @@ class Trainer:
 
     def __init__(self, engine: Any, data: TrainBatches, *, base_lrs: dict[str, float], schedule: LRSchedule,
                  settings: TrainerSettings, tracker: Tracker, output_dir: Path, rank: int, world_size: int,
-                 client_extra: dict[str, Any], evaluator: Evaluator | None = None) -> None:
+                 client_extra: dict[str, Any], evaluator: Evaluator | None = None,
+                 group_sensors: Mapping[str, Sequence[str]] | None = None, reference_group: str | None = None
+                 ) -> None:
+        """``base_lrs``: each group's peak rate (after linear scaling), which the schedule factor multiplies.
+        ``group_sensors``: the sensors of each group (None: the whole model is shared, as in fine-tuning);
+        ``reference_group``: whose rate the shared parameters take in single-update mode (default: the
+        group with the largest rate)."""
         self.engine, self.data, self.base_lrs, self.schedule = engine, data, base_lrs, schedule
+        self.group_sensors = {g: tuple(s) for g, s in (group_sensors or {}).items()}
+        self.reference_group = reference_group or max(base_lrs, key=lambda g: base_lrs[g])
+        # a sensor in several groups (RGB: unpaired and with the DSM) takes the largest of their rates
+        self.sensor_lrs: dict[str, float] = {}
+        for g, sensors in self.group_sensors.items():
+            for sensor in sensors:
+                self.sensor_lrs[sensor] = max(self.sensor_lrs.get(sensor, 0.0), base_lrs[g])
+        self.gate = UpdateGate(engine.optimizer)
         self.settings, self.tracker, self.output_dir = settings, tracker, output_dir
         self.rank, self.world_size = rank, world_size
         self.client_extra, self.evaluator = client_extra, evaluator
@@ -143,10 +164,10 @@ class Trainer:
             yield step_batches
 
     def train_step(self, step_batches: GroupBatches) -> None:
-        """One step: every group's batch, in order (metrics stay on the device)."""
+        """One step: every due group's batch, in order (metrics stay on the device)."""
         step = self.step + 1
         keep_outputs = self.observer.wants_outputs(step)
-        joint_loss: torch.Tensor | None = None
+        total_loss: torch.Tensor | None = None
         step_finite = torch.ones((), dtype=torch.bool, device=self.device)
         for group, batch in step_batches:
             started = time.perf_counter()
@@ -156,15 +177,15 @@ class Trainer:
             self.observer.record(group, step, out, inputs)
             if self.settings.mode == "per_group":
                 self.engine.backward(out["loss"])
-                self._optimizer_step(group, group)
+                self._optimizer_step([group])
             else:
-                joint_loss = out["loss"] if joint_loss is None else joint_loss + out["loss"]
+                total_loss = out["loss"] if total_loss is None else total_loss + out["loss"]
             self.observer.count_group(group, next(iter(inputs["images"].values())).shape[0],
                                       time.perf_counter() - started)
-        if joint_loss is not None:
+        if total_loss is not None:
             started = time.perf_counter()
-            self.engine.backward(joint_loss)
-            self._optimizer_step(step_batches[0][0], "joint")
+            self.engine.backward(total_loss)
+            self._optimizer_step([group for group, _ in step_batches])
             spent = (time.perf_counter() - started) / len(step_batches)
             for group, _ in step_batches:
                 self.observer.count_group(group, 0, spent)
@@ -172,13 +193,33 @@ class Trainer:
                                                  self.consecutive_nonfinite + 1)
         self.observer.count_step()
 
-    def _optimizer_step(self, lr_group: str, name: str) -> None:
-        """Set ``lr_group``'s base LR x the schedule factor of this step (each parameter group scaled by its
-        ``lr_scale``), then step; the rate is recorded as it was at the call."""
-        lr = self.base_lrs[lr_group] * self.schedule.factor(self.step)
-        set_lr(self.engine.optimizer, lr)
+    def update_rates(self, groups: Sequence[str]) -> tuple[float, dict[str, float]]:
+        """(shared rate, {sensor: rate}) of an optimizer step over ``groups`` at this step's schedule factor.
+
+        One group (per-group mode, or fine-tuning): everything it touches at its rate. Several (single
+        update): the shared parameters at the reference group's rate, each sensor at its own rate."""
+        factor = self.schedule.factor(self.step)
+        sensors = [s for g in groups for s in self.group_sensors.get(g, ())]
+        if len(groups) == 1 and self.settings.mode == "per_group":
+            lr = self.base_lrs[groups[0]] * factor
+            return lr, {s: lr for s in sensors}
+        return self.base_lrs[self.reference_group] * factor, {s: self.sensor_lrs[s] * factor for s in sensors}
+
+    def _optimizer_step(self, groups: Sequence[str]) -> None:
+        """Set the rates of this update (each parameter group scaled by its ``lr_scale``), open the gate to
+        the shared parameters and the sensors of ``groups`` only, step; record the rates seen at the call."""
+        shared_lr, sensor_lrs = self.update_rates(groups)
+        set_rates(self.engine.optimizer, shared_lr, sensor_lrs)
+        self.gate.active_sensors = set(sensor_lrs) if self.group_sensors else None
         self.engine.step()
-        self.observer.record_update(name, lr, self.engine.get_global_grad_norm())
+        seen = self.gate.drain()
+        grad_norm = self.engine.get_global_grad_norm()
+        if self.settings.mode == "per_group":
+            self.observer.record_update(groups[0], seen.get(SHARED), grad_norm)
+            return
+        self.observer.record_update(SHARED, seen.get(SHARED), grad_norm)
+        for sensor in sensor_lrs:
+            self.observer.record_update(f"sensor/{sensor}", seen.get(sensor), None)
 
     def after_step(self) -> None:
         """Logging, figures and the interval checkpoint after ``self.step`` completed steps."""
