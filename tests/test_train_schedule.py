@@ -50,21 +50,22 @@ PAPER_BASE = {"rgb": 1e-4, "sen12ms": 0.25e-4, "mdas": 1e-5}
 PAPER_BATCH = {"rgb": 128, "sen12ms": 32, "mdas": 12}
 
 
-def test_effective_rates_scale_each_group_by_its_global_batch():
+def test_effective_rates_scale_every_group_by_the_reference_groups_global_batch():
     cfg = load_config("msgfm_swinb_192")
-    assert cfg.optimizer.lr_reference_batch == 512 and cfg.optimizer.lr_scale_by == "group"
+    assert cfg.optimizer.lr_reference_batch == 512 and cfg.optimizer.lr_scale_by == "reference_group"
     assert reference_group(PAPER_BASE) == "rgb"
     lrs = effective_lrs(PAPER_BASE, PAPER_BATCH, 8, cfg.optimizer)
-    # GFM's rule: base x (batch per GPU x 8 GPUs) / 512, per group
-    assert lrs == pytest.approx({"rgb": 2e-4, "sen12ms": 0.25e-4 * 256 / 512, "mdas": 1e-5 * 96 / 512}, rel=1e-12)
-    by_reference = effective_lrs(PAPER_BASE, PAPER_BATCH, 8, OptimizerConfig(lr_scale_by="reference_group"))
-    assert by_reference == pytest.approx({g: 2 * lr for g, lr in PAPER_BASE.items()}, rel=1e-12)
+    # GFM's rule with the rgb group's global batch (128 x 8 GPUs) / 512 = 2 for every group: Table 10's ratios stay
+    assert lrs == pytest.approx({"rgb": 2e-4, "sen12ms": 0.5e-4, "mdas": 2e-5}, rel=1e-12)
+    by_own = effective_lrs(PAPER_BASE, PAPER_BATCH, 8, OptimizerConfig(lr_scale_by="group"))
+    assert by_own == pytest.approx({"rgb": 2e-4, "sen12ms": 0.25e-4 * 256 / 512, "mdas": 1e-5 * 96 / 512}, rel=1e-12)
     assert effective_lrs(PAPER_BASE, PAPER_BATCH, 8, OptimizerConfig(lr_reference_batch=None)) == PAPER_BASE
-    assert effective_lrs(PAPER_BASE, PAPER_BATCH, 1, cfg.optimizer)["rgb"] == pytest.approx(1e-4 * 128 / 512)
+    assert effective_lrs(PAPER_BASE, PAPER_BATCH, 1, cfg.optimizer) == pytest.approx(
+        {g: lr * 128 / 512 for g, lr in PAPER_BASE.items()}, rel=1e-12)
 
 
 def test_warmup_and_minimum_rates_scale_like_the_base_rates():
-    opt = OptimizerConfig()
+    opt = OptimizerConfig(lr_scale_by="group")
     sched = ScheduleConfig(epochs=100, warmup_epochs=10, warmup_start_lr=1e-6, kind="cosine", min_lr=1e-5,
                            milestones=[])
     lrs = effective_lrs({"rgb": 2e-4, "sar": 5e-5}, {"rgb": 128, "sar": 32}, 8, opt)

@@ -100,11 +100,11 @@ def test_dry_run_paper_setup_for_8_v100(tmp_path):
     assert 210 < total_m < 230 and 85 < active_m < 92
     assert "params     (P_d + P_e/E) * 2" in out and "optimizer  P_d*12/W" in out
     assert f"steps per epoch: data root {tmp_path / 'absent'} is missing here" in out
-    # base and effective rates per group: Table 10's rates x the group's global batch / 512
-    assert "rgb: base 0.0001, global batch 1024, effective 0.0002 (x its global batch / 512); warm-up from " \
-           "1e-06 [reference]" in out
-    assert "sen12ms: base 2.5e-05, global batch 256, effective 1.25e-05" in out
-    assert "mdas: base 1e-05, global batch 96, effective 1.875e-06" in out
+    # base and effective rates per group: Table 10's rates x the reference group's global batch / 512
+    assert "rgb: base 0.0001, global batch 1024, effective 0.0002 (x the reference group's global batch / 512); " \
+           "warm-up from 1e-06 [reference]" in out
+    assert "sen12ms: base 2.5e-05, global batch 256, effective 5e-05" in out
+    assert "mdas: base 1e-05, global batch 96, effective 2e-05" in out
 
 
 # 9 training samples per group, 4 per rank: rgb 1 batch of 4, the pairs 2 batches of 2

@@ -304,8 +304,9 @@ class OptimizerConfig:
     # Linear LR scaling as GFM's code does it (lr = base x global batch / 512, for the base, warm-up and
     # minimum rates); null: the configured rates are used as they are.
     lr_reference_batch: int | None = 512
-    # Whose global batch scales a group's rates: its own (group) or the reference group's (reference_group).
-    lr_scale_by: Literal["group", "reference_group"] = "group"
+    # Whose global batch scales a group's rates: the reference group's (reference_group: the groups keep the
+    # ratios their base rates set, as the paper's Table 10 does) or each group's own (group).
+    lr_scale_by: Literal["group", "reference_group"] = "reference_group"
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -4,8 +4,8 @@ Linear scaling as GFM's code does it (``optimizer.lr_reference_batch``, 512 by d
 
     effective_lr[group] = base_lr[group] * global_batch / lr_reference_batch
 
-with ``global_batch`` the group's own (batch per GPU x world size; ``optimizer.lr_scale_by: group``)
-or the reference group's (``reference_group``). The *reference group* is the group with the
+with ``global_batch`` the reference group's (batch per GPU x world size; ``optimizer.lr_scale_by:
+reference_group``, the default) or the group's own (``group``). The *reference group* is the group with the
 largest base LR (the paper's RGB group, 1e-4 at batch 128).
 
 An *iteration* is one outer training step (see :mod:`msgfm.train.trainer`). Each group's rate is
