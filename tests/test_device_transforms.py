@@ -181,9 +181,10 @@ def test_pipeline_batches_keep_their_draws_and_become_todays_batches(root):
     datasets = {name: loader.dataset for name, loader in zip(data.train.names, data.train.loaders)}
     steps = list(data.train)
     assert len(steps) == 6
-    items = {name: [sampler._batch(step) for step in range(len(steps))]  # (index, augmentation seed)
-             for name, sampler in zip(data.train.names, data.train.samplers)}
+    items = {name: {step: sampler._batch(step) for step in range(len(steps)) if sampler.is_due(step)}
+             for name, sampler in zip(data.train.names, data.train.samplers)}  # (index, augmentation seed)
     for step, step_batches in enumerate(steps):
+        assert [name for name, _ in step_batches] == [name for name in data.train.names if step in items[name]]
         for name, raw_batch in step_batches:
             assert set(raw_batch) == {"sensors", "flip_B2", "size", "ids"}
             assert all(isinstance(r, RawSensorBatch) for r in raw_batch["sensors"].values())

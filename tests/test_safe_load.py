@@ -77,13 +77,12 @@ def test_pretrained_checkpoint_with_code_is_refused(tmp_path, in_expert):
 
 def test_fine_tuned_and_timm_weights_with_code_are_refused(tmp_path):
     from msgfm.config import load_finetune_config
-    from msgfm.finetune.build import timm_backbone_state
-    from msgfm.finetune.train import _fine_tuned_state
+    from msgfm.finetune.build import fine_tuned_state, timm_backbone_state
 
     marker = tmp_path / "ran"
     path = evil_file(tmp_path / "best" / "model.pt", marker, {"head.weight": torch.zeros(2)})
     with pytest.raises(UnsafeCheckpointError, match="refusing to load fine-tuned weights"):
-        _fine_tuned_state(tmp_path)
+        fine_tuned_state(tmp_path)
     cfg = load_finetune_config("ft_ben_tiny", ["model.moe.enabled=false"])
     with pytest.raises(UnsafeCheckpointError, match="refusing to load timm weights"):
         timm_backbone_state(cfg, path)
