@@ -141,7 +141,19 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(checks), flush=True)
         if args.json is not None:
             write_json(checks, args.json, meta)
+    _leave_process_group()
     return 1 if any_failed or any(c.status == FAIL for c in checks) else 0
+
+
+def _leave_process_group() -> None:
+    """Under a launcher: wait for every rank, then close the process group. A rank that exits with its gloo
+    group still open can abort in the group's threads ("terminate called without an active exception",
+    exit -6), which the launcher reports as a failed doctor."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
