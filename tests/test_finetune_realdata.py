@@ -75,8 +75,10 @@ def test_ben_finetune_mlflow_resume_and_eval_only(single_rank_dist, ben_shards, 
     assert {"best", "tables", "config"} <= artifacts
     assert [a.path for a in repository.list_artifacts("best")] == ["best/metrics.json", "best/model.pt"]
 
-    # auto-resume: two more epochs continue from the last checkpoint (epoch 6, step 6)
-    assert finetune("ft_ben_tiny", ["schedule.epochs=8", "train.log_interval=1"], "ds_configs/cpu.json", **args) == 0
+    # auto-resume: two more epochs continue from the last checkpoint (epoch 6, step 6); more epochs change the
+    # schedule, so the relaunch says so (--allow-config-change)
+    assert finetune("ft_ben_tiny", ["schedule.epochs=8", "train.log_interval=1"], "ds_configs/cpu.json", **args,
+                    allow_config_change=True) == 0
     assert "at step 6 (epoch 6)" in capsys.readouterr().out
     assert (out / "checkpoints" / "latest").read_text() == "step00000008"
     assert len(client.get_metric_history(run_id, "val/mAP_micro")) == 8  # the same MLflow run goes on

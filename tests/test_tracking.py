@@ -213,7 +213,8 @@ def test_pretraining_with_a_dead_server_then_track_sync(tmp_path, monkeypatch):
     with silent_server() as uri:
         cmd = [sys.executable, "launchers/pretrain.py", "--deepspeed_config", str(folder / "ds_tiny.json"),
                "--config", str(folder / "tiny.yaml"), "--output-dir", str(out), "train.max_steps=2",
-               "model.moe.expert_parallel_size=1", "tracking.figure_interval=1"]
+               "model.moe.expert_parallel_size=1", "tracking.figure_interval=1",
+               "data.epoch=largest_group_once"]  # every group in both steps, so each draws both figures
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**env, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"})
         lines: list[str] = []
