@@ -386,6 +386,9 @@ def test_a_fine_tuning_run_exports_its_stacked_backbone(tmp_path):
     assert len(files) == 6
     for name in files:
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "export" / name).read_bytes(), name
+    # exported again into the same folder from a source without a task module, the old task/ goes
+    (run / "model_inputs.json").unlink()
+    assert export(run, tmp_path / "again")[0]["task"] is None and not (tmp_path / "again" / "task").exists()
     assert source.kind == "fine-tuning" and list(config["sensors"]) == ["sar+s2"]
     assert config["sensors"]["sar+s2"]["bands"] == ["VV", "VH", *get_sensor("s2").bands]
     ours = load_backbone(tmp_path / "export", sensors=["sar+s2"])
