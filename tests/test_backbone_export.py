@@ -367,6 +367,28 @@ def test_a_fine_tuning_run_exports_its_stacked_backbone(tmp_path):
     save_finetune_config(cfg, run / "config.yaml")
     torch.save(model.state_dict(), run / "best" / "model.pt")
     config, source = export(run, tmp_path / "export")
+    # a run fine-tuned before msgfm recorded its inputs: the backbone only, and a note why
+    assert config["task"] is None and not (tmp_path / "export" / "task").exists()
+    assert any("msgfm predict cannot run it" in note for note in config["provenance"]["notes"])
+    (run / "model_inputs.json").write_text('{"recorded": "as the run wrote it"}\n')
+    config, source = export(run, tmp_path / "export")
+    assert config["task"]["name"] == cfg.task.name and config["task"]["tensors"] == len(model.state_dict())
+    task_dir = tmp_path / "export" / "task"
+    assert (task_dir / "config.yaml").read_bytes() == (run / "config.yaml").read_bytes()
+    assert (task_dir / "model_inputs.json").read_bytes() == (run / "model_inputs.json").read_bytes()
+    task_state = load_file(str(task_dir / "model.safetensors"))
+    assert task_state.keys() == model.state_dict().keys()
+    assert all(torch.equal(task_state[k], v) for k, v in model.state_dict().items())
+    # deterministic with its task/ folder too: the same run gives the same bytes, file by file
+    export(run, tmp_path / "again")
+    files = sorted(p.relative_to(tmp_path / "export") for p in (tmp_path / "export").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
+    assert len(files) == 6
+    for name in files:
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "export" / name).read_bytes(), name
+    # exported again into the same folder from a source without a task module, the old task/ goes
+    (run / "model_inputs.json").unlink()
+    assert export(run, tmp_path / "again")[0]["task"] is None and not (tmp_path / "again" / "task").exists()
     assert source.kind == "fine-tuning" and list(config["sensors"]) == ["sar+s2"]
     assert config["sensors"]["sar+s2"]["bands"] == ["VV", "VH", *get_sensor("s2").bands]
     ours = load_backbone(tmp_path / "export", sensors=["sar+s2"])

@@ -297,6 +297,48 @@ def test_the_mlflow_logged_model_is_a_model_predict_takes(seg_run, landsat, tmp_
         assert np.array_equal(a.read(), b.read())
 
 
+def test_the_export_of_a_fine_tuned_run_predicts_as_the_run(seg_run, landsat, tmp_path, capsys):
+    """``msgfm export`` of the fine-tuning run writes task/ (safetensors, no pickle); predicting from the export
+    gives the run folder's GeoTIFF bit for bit, on the input's grid. An export without task/ (a pretraining
+    run's) is refused in one line."""
+    from safetensors.torch import load_file
+
+    exported = tmp_path / "export"
+    assert msgfm_main(["export", str(seg_run), "-o", str(exported), "--no-mlflow"]) == 0
+    config = json.loads((exported / "config.json").read_text())
+    assert config["task"]["name"] == "vaihingen" and config["task"]["weights"] == "task/model.safetensors"
+    assert sorted(p.name for p in (exported / "task").iterdir()) == ["config.yaml", "model.safetensors",
+                                                                      "model_inputs.json"]
+    assert (exported / "task" / "model_inputs.json").read_bytes() == (seg_run / "model_inputs.json").read_bytes()
+    assert "task/model.safetensors" in (exported / "README.md").read_text()
+    run_state = torch.load(seg_run / "best" / "model.pt", weights_only=True)
+    export_state = load_file(str(exported / "task" / "model.safetensors"))
+    assert export_state.keys() == run_state.keys()
+    assert all(torch.equal(export_state[k], run_state[k]) for k in run_state)
+    rgb, dem = landsat
+    window = Window(100, 110, 100, 90)  # two tiles in each direction: blending runs too
+    inputs = [str(_crop(rgb, window, tmp_path / "rgb.tif")), str(_crop(dem, window, tmp_path / "dem.tif"))]
+    kwargs = {"task": "vaihingen", "inputs": inputs, "output": "probabilities", "overlap": 0.25, "progress": False}
+    from_run = predict(model=seg_run, out=tmp_path / "run.tif", **kwargs)
+    from_export = predict(model=exported, out=tmp_path / "export.tif", **kwargs)
+    with rasterio.open(inputs[0]) as src, rasterio.open(from_run) as a, rasterio.open(from_export) as b:
+        assert b.crs == a.crs == src.crs and b.transform == a.transform == src.transform
+        assert b.shape == a.shape == src.shape and b.dtypes == a.dtypes and b.descriptions == a.descriptions
+        expected = a.read()
+        assert np.isfinite(expected).sum() > expected.size // 2  # NaN only where the DEM has no data
+        assert np.array_equal(b.read(), expected, equal_nan=True)
+    # the export of a pretraining run holds a backbone only
+    pretraining = tmp_path / "pretraining_export"
+    assert msgfm_main(["export", str(write_pretraining_checkpoint(tmp_path / "pre")), "-o", str(pretraining),
+                       "--no-mlflow"]) == 0
+    assert json.loads((pretraining / "config.json").read_text())["task"] is None
+    assert not (pretraining / "task").exists()
+    err = _cli_error(capsys, "--model", str(pretraining), "--task", "vaihingen", "--input", inputs[0], "--input",
+                     inputs[1], "-o", str(tmp_path / "x.tif"))
+    assert "is an msgfm export without a task module" in err and "export a fine-tuning run" in err
+    assert not (tmp_path / "x.tif").exists()
+
+
 @pytest.mark.parametrize(("height", "width", "overlap"), [(150, 170, 0.5), (64, 200, 0.25), (40, 70, 0.5)])
 def test_blending_a_pixelwise_model_equals_one_pass(height, width, overlap):
     torch.manual_seed(0)

@@ -2,7 +2,9 @@
 
 Reads a pretraining checkpoint (run folder, ``checkpoints`` folder or one checkpoint; any number
 of ranks and expert-parallel size, dense or MoE) or a fine-tuning run folder, and writes
-``model.safetensors``, ``config.json`` and a model card ``README.md`` (docs/export.md). When the
+``model.safetensors``, ``config.json`` and a model card ``README.md`` (docs/export.md); a fine-tuning run
+also gives ``task/`` (its whole task module in safetensors, config and inputs), which makes the
+export a model ``msgfm predict --model`` runs. When the
 run was tracked in MLflow (or with ``--mlflow-run``), the export is logged there as a logged model.
 """
 from __future__ import annotations
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     arch = config["architecture"]
     print(f"exported {source.kind} checkpoint {source.name} (step {source.step}) to {out}: sensors "
           f"{list(config['sensors'])}, {config['weights']['parameters']:,} parameters, "
-          f"{'dense' if arch['moe'] is None else str(arch['moe']['num_experts']) + ' experts'}")
+          f"{'dense' if arch['moe'] is None else str(arch['moe']['num_experts']) + ' experts'}"
+          f"{'' if not config['task'] else ', with task/ for msgfm predict --task ' + str(config['task']['name'])}")
     run_id = args.mlflow_run or source.mlflow_run_id
     if run_id and not args.no_mlflow:
         from msgfm.export.mlflow_model import log_export

@@ -53,6 +53,13 @@ def model_card(config: dict[str, Any]) -> str:
         "```", "",
         "TerraTorch: `backbone: msgfm_swin` with `backbone_ckpt_path` set to this folder (docs/export.md of msgfm).",
         "",
+    ]
+    task = config.get("task")
+    if task:
+        lines += [f"Fine-tuned for task `{task['name']}`: `{task['folder']}/` holds the whole task module "
+                  f"(`{task['weights']}`) with its config and inputs; `msgfm predict --model <this folder> "
+                  f"--task {task['name']} ...` maps a scene with it.", ""]
+    lines += [
         "## Provenance", "",
         f"- {prov['kind']} checkpoint `{prov['checkpoint']}`, step {prov['step']}, config hash "
         f"`{prov['config_hash']}`, trained with msgfm commit `{prov['trained_with_commit']}`",

@@ -18,6 +18,7 @@ import torch
 from msgfm.config import config_from_dict, load_finetune_config
 from msgfm.data.format import read_shard_info
 from msgfm.errors import MissingFileError, UserError
+from msgfm.finetune.inputs import INPUTS_FILE
 from msgfm.models.adapter import backbone_state
 from msgfm.sensors import get_sensor
 from msgfm.train import checkpoint as ckpt
@@ -48,6 +49,11 @@ class ExportSource:
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None  # where the run's MLflow run lives
     notes: list[str] = field(default_factory=list)
+    # a fine-tuning run's whole task module and the files prediction builds it from (config.yaml and
+    # model_inputs.json, as the run wrote them); empty for a pretraining checkpoint
+    task_name: str | None = None
+    task_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    task_files: dict[str, bytes] = field(default_factory=dict)
 
 
 def config_hash(tree: dict[str, Any]) -> str:
@@ -118,12 +124,19 @@ def _read_finetune(weights: Path) -> ExportSource:
         stats = {"finetune": task_stats(cfg, Path(cfg.data.root)).to_dict()}
     except (UserError, OSError) as err:
         notes.append(f"normalization statistics not found at export ({str(err).splitlines()[0]})")
+    task_files: dict[str, bytes] = {}
+    if (run_dir / INPUTS_FILE).is_file():
+        task_files = {"config.yaml": config_path.read_bytes(), INPUTS_FILE: (run_dir / INPUTS_FILE).read_bytes()}
+    else:
+        notes.append(f"no {INPUTS_FILE} in the run folder (fine-tuned before msgfm recorded its inputs): the "
+                     f"export holds no task/ folder, so msgfm predict cannot run it")
     tree = cfg.to_dict()
     return ExportSource(
         kind="fine-tuning", name="best", model_cfg=tree["model"], backbone=export_state_names(backbone),
         decoders={}, sensor_bands=sensor_bands, stats=stats, group_sensors={"finetune": list(cfg.task.sensors)},
         step=None, config_hash=config_hash(tree), trained_with_commit="unknown", run_dir=run_dir,
-        mlflow_run_id=_mlflow_run_id(run_dir), tracking_uri=tracking_uri(cfg.tracking, run_dir), notes=notes)
+        mlflow_run_id=_mlflow_run_id(run_dir), tracking_uri=tracking_uri(cfg.tracking, run_dir), notes=notes,
+        task_name=cfg.task.name, task_state=state if task_files else {}, task_files=task_files)
 
 
 def _mlflow_run_id(run_dir: Path | None) -> str | None:

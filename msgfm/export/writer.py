@@ -1,4 +1,6 @@
-"""``msgfm export``: a trained msGFM as ``model.safetensors`` + ``config.json`` + ``README.md``.
+"""``msgfm export``: a trained msGFM as ``model.safetensors`` + ``config.json`` + ``README.md``, and for a
+fine-tuning run ``task/`` (the whole task module as ``task/model.safetensors`` with the run's
+``config.yaml`` and ``model_inputs.json``), which ``msgfm predict --model`` builds the model from.
 
 The weight names and the config are the export format of docs/export.md (read back by
 msgfm/backbone, which needs no DeepSpeed). The same input gives the same bytes: tensors are
@@ -21,10 +23,16 @@ from msgfm.backbone.model import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGH
 from msgfm.errors import UserError
 from msgfm.export.card import model_card
 from msgfm.export.source import ExportSource, storage_of
+from msgfm.finetune.inputs import INPUTS_FILE
 from msgfm.sensors import get_sensor
 from msgfm.train.runtime import git_commit
 
 CARD_FILE = "README.md"
+# an export of a fine-tuning run also holds what msgfm predict builds the task module from (docs/export.md)
+TASK_DIR = "task"
+TASK_WEIGHTS = "model.safetensors"
+TASK_CONFIG = "config.yaml"
+TASK_FORMAT = f"{FORMAT_NAME}-task/{FORMAT_VERSION}"
 
 
 def architecture(model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +113,10 @@ def build_export(source: ExportSource, sensors: Sequence[str] | None, dense_only
         "sensors": {s: sensor_entry(source, s) for s in chosen},
         "weights": {"file": WEIGHTS_FILE, "dtype": "float32", "tensors": len(state), "decoders": decoders,
                     "parameters": int(sum(t.numel() for t in state.values()))},
+        "task": None if not source.task_state else {
+            "name": source.task_name, "folder": TASK_DIR, "weights": f"{TASK_DIR}/{TASK_WEIGHTS}",
+            "files": sorted([TASK_WEIGHTS, *source.task_files]), "tensors": len(source.task_state),
+            "use": "msgfm predict --model <this folder>"},
         "provenance": {"kind": source.kind, "checkpoint": source.name, "step": source.step,
                        "config_hash": source.config_hash, "trained_with_commit": source.trained_with_commit,
                        "exported_by": {"msgfm_version": msgfm.__version__, "git_commit": git_commit()},
@@ -113,10 +125,48 @@ def build_export(source: ExportSource, sensors: Sequence[str] | None, dense_only
     return state, config
 
 
-def write_export(state: dict[str, torch.Tensor], config: dict[str, Any], out: Path) -> dict[str, Path]:
-    """Write the three files into ``out`` (each atomically); returns them by name."""
+def task_weights(source: ExportSource) -> dict[str, torch.Tensor]:
+    """The fine-tuned task module's whole state (backbone in msgfm's own names, head, everything
+    ``load_state_dict`` needs), in sorted order, with its dtypes; empty for a pretraining source."""
+    bad = [k for k, v in source.task_state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"the fine-tuned weights hold non-tensor entries {bad[:3]}: not a state dict of a "
+                        f"fine-tuned msgfm model")
+    return {k: source.task_state[k].detach().to("cpu").contiguous().clone() for k in sorted(source.task_state)}
+
+
+def _write_task(out: Path, weights: dict[str, torch.Tensor], files: dict[str, bytes]) -> dict[str, Path]:
+    """``out/task/``: the task module's weights (safetensors) and the run's files as they were; an old task/
+    folder of a previous export into ``out`` goes when the new export has none."""
+    folder = out / TASK_DIR
+    written: dict[str, Path] = {}
+    if not weights:
+        for name in (TASK_WEIGHTS, TASK_CONFIG, INPUTS_FILE):
+            (folder / name).unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        return written
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{TASK_WEIGHTS}.tmp"
+    save_file(weights, str(tmp), metadata={"format": TASK_FORMAT})
+    os.replace(tmp, folder / TASK_WEIGHTS)
+    written[f"{TASK_DIR}/{TASK_WEIGHTS}"] = folder / TASK_WEIGHTS
+    for name, data in sorted(files.items()):
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, folder / name)
+        written[f"{TASK_DIR}/{name}"] = folder / name
+    return written
+
+
+def write_export(state: dict[str, torch.Tensor], config: dict[str, Any], out: Path,
+                 task: tuple[dict[str, torch.Tensor], dict[str, bytes]] | None = None) -> dict[str, Path]:
+    """Write the three files into ``out`` (each atomically), and ``task/`` when ``task`` holds a fine-tuned
+    task module's weights and files; returns them by name."""
     out.mkdir(parents=True, exist_ok=True)
     files = {WEIGHTS_FILE: out / WEIGHTS_FILE, CONFIG_FILE: out / CONFIG_FILE, CARD_FILE: out / CARD_FILE}
+    # the task folder first: config.json, written last, only names a task/ that is complete
+    files.update(_write_task(out, *(task or ({}, {}))))
     tmp = out / f".{WEIGHTS_FILE}.tmp"
     # one metadata key: safetensors writes metadata from a hash map, whose order varies between runs
     save_file(state, str(tmp), metadata={"format": f"{FORMAT_NAME}/{FORMAT_VERSION}"})
@@ -135,5 +185,5 @@ def export(source_path: str | Path, out: str | Path, sensors: Sequence[str] | No
 
     source = read_source(source_path)
     state, config = build_export(source, sensors, dense_only, decoders)
-    write_export(state, config, Path(out))
+    write_export(state, config, Path(out), (task_weights(source), source.task_files))
     return config, source

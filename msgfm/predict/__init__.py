@@ -32,8 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Register ``msgfm predict``."""
     p = subparsers.add_parser("predict", help="run a fine-tuned model over a georeferenced scene -> GeoTIFF",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, type=Path, metavar="RUN",
-                   help="a fine-tuning run folder (launchers/finetune.py --output-dir) or its best/model.pt")
+    p.add_argument("--model", required=True, type=Path, metavar="RUN_OR_EXPORT",
+                   help="a fine-tuning run folder (launchers/finetune.py --output-dir), its best/model.pt, "
+                        "or the msgfm export folder of a fine-tuning run")
     p.add_argument("--task", required=True, choices=TASKS, help="the task the model was fine-tuned for")
     p.add_argument("--input", required=True, action="append", metavar="[SENSOR=]RASTER",
                    help="the raster of one input sensor (repeat, in the model's sensor order)")

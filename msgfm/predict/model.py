@@ -9,6 +9,7 @@ msgfm.predict changes for it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +35,12 @@ class PredictionModel:
 
 
 def load_model(path: str | Path, *, task_name: str, device: torch.device) -> PredictionModel:
-    """The fine-tuned model at ``path`` (a run folder or its ``best/model.pt``), checked to be for ``task_name``."""
+    """The fine-tuned model at ``path`` (a run folder, its ``best/model.pt``, or the ``msgfm export`` folder of a
+    fine-tuning run), checked to be for ``task_name``."""
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"--model {path}: no such folder; give a fine-tuning run folder "
-                               f"(launchers/finetune.py --output-dir)")
+                               f"(launchers/finetune.py --output-dir) or its msgfm export")
     if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         model = load_export(path, device)
     else:
@@ -58,20 +60,37 @@ def load_finetune_run(path: Path, device: torch.device) -> PredictionModel:
     if path.is_dir() and not (run_dir / "best" / "model.pt").is_file():
         raise MissingFileError(f"--model {path}: no best/model.pt: not a fine-tuning run folder, or one that never "
                                f"finished an epoch (a pretraining run needs fine-tuning first: launchers/finetune.py)")
-    inputs = read_model_inputs(run_dir)
-    cfg = load_finetune_config(run_dir / "config.yaml")
+    return _build(run_dir, lambda: fine_tuned_state(path), device, source=run_dir)
+
+
+def load_export(path: Path, device: torch.device) -> PredictionModel:
+    """An ``msgfm export`` folder of a fine-tuning run: built from its ``task/`` folder (the run's config.yaml
+    and model_inputs.json, the task module's weights in safetensors) as a run folder is built."""
+    from safetensors.torch import load_file
+
+    from msgfm.export.writer import TASK_CONFIG, TASK_DIR, TASK_WEIGHTS
+
+    folder = path / TASK_DIR
+    if not (folder / TASK_WEIGHTS).is_file():
+        raise UserError(f"--model {path} is an msgfm export without a task module ({TASK_DIR}/{TASK_WEIGHTS}), "
+                        f"e.g. of a pretraining run: msgfm predict runs fine-tuned models; export a fine-tuning "
+                        f"run (msgfm export RUN -o DIR) or pass its run folder")
+    if not (folder / TASK_CONFIG).is_file():
+        raise MissingFileError(f"--model {path}: {TASK_DIR}/{TASK_CONFIG} is missing; export the fine-tuning run "
+                               f"again")
+    return _build(folder, lambda: load_file(str(folder / TASK_WEIGHTS)), device, source=path)
+
+
+def _build(folder: Path, weights: Callable[[], dict[str, torch.Tensor]], device: torch.device, source: Path
+           ) -> PredictionModel:
+    """The task module described by ``folder``'s config.yaml and model_inputs.json, with ``weights()``."""
+    inputs = read_model_inputs(folder)
+    cfg = load_finetune_config(folder / "config.yaml")
     cfg.transfer.init = "random"  # the weights come from the run, not from a pretraining checkpoint
     cfg.transfer.freeze_encoder = False
     if cfg.model.moe.enabled and not dist.is_initialized():
         init_process_group(device.type == "cuda")  # DeepSpeed's MoE layers need a (one-process) group
     task, _ = build_finetune_model(cfg, None, inputs.stats)
-    task.load_state_dict(fine_tuned_state(path))
+    task.load_state_dict(weights())
     task.to(device).eval()
-    return PredictionModel(task=task, cfg=cfg, inputs=inputs, source=run_dir)
-
-
-def load_export(path: Path, device: torch.device) -> PredictionModel:
-    """An ``msgfm export`` folder. Exports hold a pretrained backbone without a task head, so there is nothing
-    to predict with yet; a fine-tuned export maps its config.json onto :class:`PredictionModel` here."""
-    raise UserError(f"--model {path} is an msgfm export (config.json + model.safetensors): msgfm predict runs "
-                    f"fine-tuned models; fine-tune it (launchers/finetune.py) and pass the run folder")
+    return PredictionModel(task=task, cfg=cfg, inputs=inputs, source=source)
