@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(checks), flush=True)
         if args.json is not None:
             write_json(checks, args.json, meta)
-    _leave_process_group()
+    if meta["world_size"] > 1:  # the group diagnose() opened under the launcher (never a caller's own)
+        _leave_process_group()
     return 1 if any_failed or any(c.status == FAIL for c in checks) else 0
 
 
