@@ -135,6 +135,31 @@ def test_resume_writes_each_step_once(tmp_path, monkeypatch):
     assert {m.step: m.value for m in history}[5] == 5.0 and {m.step: m.value for m in history}[6] == 60.0
 
 
+def test_resume_sends_the_checkpointed_steps_mlflow_never_got(tmp_path, monkeypatch):
+    """Killed after step 3's checkpoint with step 3 written to metrics.jsonl but not yet sent by the tracking
+    thread: the resumed run (which logs only steps 4 on) sends step 3 from metrics.jsonl, once."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = Tracker(TrackingConfig(), tmp_path, active=True)
+    first.open("run", {"a": 1}, {}, {}, resumed=False, resume_step=0)
+    for step in (1, 2):
+        first.log_metrics({"train/loss": float(step), "lr/rgb": 0.1}, step)
+    first.close(60)
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # step 3: on disk, never sent
+        f.write(json.dumps({"step": 3, "time": 0.0, "train/loss": 3.0, "lr/rgb": 0.1}) + "\n")
+    run_id = (tmp_path / "mlflow_run_id").read_text()
+    resumed = Tracker(TrackingConfig(), tmp_path, active=True)
+    resumed.open("run", {"a": 1}, {}, {}, resumed=True, resume_step=3)
+    for step in (4, 5):
+        resumed.log_metrics({"train/loss": float(step), "lr/rgb": 0.1}, step)
+    resumed.close(60)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for name in ("train/loss", "lr/rgb"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == [1, 2, 3, 4, 5], name
+    assert {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}[3] == 3.0
+
+
 def test_truncate_metrics(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "x"')

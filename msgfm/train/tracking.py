@@ -303,7 +303,7 @@ class Tracker:
             self._metrics_file.close()
             truncate_metrics(self._metrics_path, resume_step)
             self._metrics_file = open(self._metrics_path, "a", encoding="utf-8")
-        self._queue.put(lambda: self._start(run_name, params, tags, artifacts, run_id))
+        self._queue.put(lambda: self._start(run_name, params, tags, artifacts, run_id, resume_step))
         if datasets and self._mlflow_ok:
             self._queue.put(lambda: self._optional("log the datasets", lambda: self._log_datasets(datasets)))
 
@@ -399,7 +399,7 @@ class Tracker:
         self._mlflow_ok = False
 
     def _start(self, run_name: str, params: dict[str, Any], tags: dict[str, str],
-               artifacts: dict[str, Path], resume_run_id: str | None) -> None:
+               artifacts: dict[str, Path], resume_run_id: str | None, resume_step: int = 0) -> None:
         if not self._mlflow_ok:
             return
         if is_http(self.uri) and (why := probe_server(self.uri)) is not None:
@@ -420,9 +420,20 @@ class Tracker:
             else:
                 self.run_id = resume_run_id
                 self.client.update_run(resume_run_id, status="RUNNING")
+                self._send_unsent_rows(resume_step)
                 return
         self.run_id = create_run(self.client, self.uri, self.output_dir, self.experiment, run_name, params, tags,
                                  artifacts)
+
+    def _send_unsent_rows(self, resume_step: int) -> None:
+        """A resumed run: the rows of metrics.jsonl up to the resumed step that the reopened MLflow run never
+        received, e.g. the last steps before a kill, which the tracking thread had not sent yet. The run logs
+        only the steps after ``resume_step`` again (those are queued as they come), so without this MLflow
+        would miss them for good."""
+        for row in read_metrics(self._metrics_path):
+            values = {k: v for k, v in row.items() if k not in ("step", "time") and isinstance(v, (int, float))}
+            if values and row["step"] <= resume_step:
+                self._log_metrics(values, row["step"])
 
     def _optional(self, what: str, action: Callable[[], None]) -> None:
         """A record the run can do without (datasets, models): a failure is one line, metrics go on."""
