@@ -207,7 +207,7 @@ def test_converter_follows_linked_folders_reports_loops_and_removes_dead_partial
     out.mkdir()
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = out / f".images-00000.h5.partial-{int(done.stdout)}"  # the pid of a finished process
-    alive = out / f".images-00001.h5.partial-{os.getpid()}"  # a writer still running
+    alive = out / f".images-00001.h5.partial-{os.getppid()}"  # another process's writer, still running
     dead.write_bytes(b"x")
     alive.write_bytes(b"x")
     assert cli.main(["convert", "imagefolder", str(tmp_path / "in"), "-o", str(out), "--size", "16",
@@ -217,3 +217,28 @@ def test_converter_follows_linked_folders_reports_loops_and_removes_dead_partial
     reasons = {Path(r["item"]).name: r["reason"] for r in report["skipped"]}
     assert reasons["self.png"].startswith("symbolic link loop") and reasons["back"].startswith("symbolic link loop")
     assert not dead.exists() and alive.exists()
+
+
+def test_interrupt_before_a_new_shard_writer_is_held_leaves_no_partial(tmp_path, monkeypatch):
+    """Ctrl-C that lands after a writer created its file but before run_conversion holds the writer (the race
+    the real Ctrl-C test above hit now and then): the unfinished file goes too."""
+    from msgfm.data.convert import common
+
+    class InterruptedWriter(ShardWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            raise KeyboardInterrupt  # the file exists; the caller never gets the writer
+
+    monkeypatch.setattr(common, "ShardWriter", InterruptedWriter)
+    with pytest.raises(KeyboardInterrupt):
+        common.run_conversion(items=[0, 1], load=_EightByEight(), output_dir=tmp_path / "out", group="images",
+                              sensors={"rgb": SensorArraySpec(dtype="uint8", channels=3, height=8, width=8)}, prefix="images",
+                              samples_per_shard=1, workers=1)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+class _EightByEight:
+    def __call__(self, item):
+        from msgfm.data.convert.common import LoadResult, Sample
+
+        return LoadResult(samples=[Sample(f"s{item}", {"rgb": np.zeros((3, 8, 8), np.uint8)})])

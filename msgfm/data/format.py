@@ -152,6 +152,18 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def remove_own_partials(folder: Path) -> list[Path]:
+    """Remove the unfinished shard files of this process in ``folder`` (a writer renames its file when it
+    closes, so any left is unfinished): the cleanup after an interruption, which may come between a
+    writer's creation and the moment its caller holds it."""
+    removed = []
+    for path in folder.glob(f".*.partial-{os.getpid()}"):
+        if _PARTIAL.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def remove_stale_partials(folder: Path) -> list[Path]:
     """Remove the hidden ``.<shard>.partial-<pid>`` files that writers killed before closing left in
     ``folder`` (their process is gone); files of a writer still running are left alone. The process

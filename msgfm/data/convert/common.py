@@ -32,7 +32,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from msgfm.data.format import LabelSpec, SensorArraySpec, ShardWriter, remove_stale_partials
+from msgfm.data.format import (
+    LabelSpec,
+    SensorArraySpec,
+    ShardWriter,
+    remove_own_partials,
+    remove_stale_partials,
+)
 from msgfm.data.georef import Georef
 from msgfm.errors import UserError, check_output_folder
 from msgfm.sensors import add_sensors_arg, get_sensor, list_sensors, register_sensor
@@ -164,6 +170,7 @@ def run_conversion(*, items: Sequence[Any], load: Callable[[Any], LoadResult], o
     finally:
         if writer is not None:
             writer.abort()
+        remove_own_partials(output_dir)  # Ctrl-C may land before a new writer is assigned (then writer is None)
         if pool is not None:
             pool.terminate()
     report_path = output_dir / f"{prefix}.skipped.json"
