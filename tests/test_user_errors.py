@@ -232,8 +232,8 @@ def test_interrupt_before_a_new_shard_writer_is_held_leaves_no_partial(tmp_path,
     monkeypatch.setattr(common, "ShardWriter", InterruptedWriter)
     with pytest.raises(KeyboardInterrupt):
         common.run_conversion(items=[0, 1], load=_EightByEight(), output_dir=tmp_path / "out", group="images",
-                              sensors={"rgb": SensorArraySpec(dtype="uint8", channels=3, height=8, width=8)}, prefix="images",
-                              samples_per_shard=1, workers=1)
+                              sensors={"rgb": SensorArraySpec(dtype="uint8", channels=3, height=8, width=8)},
+                              prefix="images", samples_per_shard=1, workers=1)
     assert list((tmp_path / "out").iterdir()) == []
 
 
