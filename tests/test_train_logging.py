@@ -39,3 +39,19 @@ def test_tracking_interval_means_its_own_steps_when_the_console_logs_more_often(
             mean = (every_step[step - 1][key] + every_step[step][key]) / 2
             assert every_other[step][key] == pytest.approx(mean, rel=1e-6), (step, key)
     assert every_other[2]["train/loss"] != pytest.approx(every_step[2]["train/loss"], rel=1e-6)
+
+
+def test_console_line_marks_a_group_without_steps_in_the_interval(tmp_path, capsys):
+    """With every group once per epoch a group may not be due in a console interval: it shows '-', not nan."""
+    from msgfm.train.metrics import StepObserver
+
+    class NoTracker:
+        def log_metrics(self, values, step):
+            pass
+
+    observer = StepObserver(None, NoTracker(), tmp_path, 0, log_interval=5, tracking_interval=5, figure_interval=None,
+                            groups=["rgb", "sen12ms"])
+    observer._print(5, 60, {"train/loss": 0.9, "train/rgb/loss": 0.9, "epoch": 0.4,
+                            "throughput/samples_per_s": 10.0, "time/data_wait_fraction": 0.0})
+    line = capsys.readouterr().out
+    assert "(rgb=0.9000 sen12ms=-)" in line and "nan" not in line

@@ -170,7 +170,8 @@ class StepObserver:
         self.last_print = (now, step)
         per_step = (now - last_time) / max(step - last_step, 1)
         eta = per_step * (total_steps - step)
-        groups = " ".join(f"{g}={values.get(f'train/{g}/loss', float('nan')):.4f}" for g in self.groups)
+        losses = {g: values.get(f"train/{g}/loss") for g in self.groups}
+        groups = " ".join(f"{g}={'-' if v is None else f'{v:.4f}'}" for g, v in losses.items())  # -: not due
         print(f"step {step}/{total_steps} epoch {values['epoch']:.2f} loss {values['train/loss']:.4f} "
               f"({groups}) {values['throughput/samples_per_s']:.1f} samples/s "
               f"data-wait {100 * values['time/data_wait_fraction']:.0f}% ETA {hms(eta)}", flush=True)
